@@ -1,0 +1,105 @@
+"""The bundled model's components: Stable Diffusion's architecture at tiny-world scale, built offline in code."""
+
+from __future__ import annotations
+
+import json
+
+from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+from .world import vocabulary
+
+MAX_PROMPT_TOKENS = 32
+LATENT_CHANNELS = 4
+TEXT_HIDDEN = 64
+
+
+def build_tokenizer(max_length: int = MAX_PROMPT_TOKENS) -> CLIPTokenizer:
+    """A CLIP BPE tokenizer whose merges make every tiny-world word one token; other text falls back to bytes.
+
+    The merges are learnt here by a BPE trainer over the world's vocabulary, so nothing is downloaded. New tokens
+    can be added (``load_textual_inversion``) as with any CLIP tokenizer.
+    """
+    alphabet = list(bytes_to_unicode().values())
+    bpe = Tokenizer(models.BPE(end_of_word_suffix="</w>"))
+    bpe.pre_tokenizer = pre_tokenizers.Whitespace()
+    trainer = trainers.BpeTrainer(
+        vocab_size=4096, min_frequency=1, initial_alphabet=alphabet, end_of_word_suffix="</w>", show_progress=False
+    )
+    bpe.train_from_iterator([" ".join(vocabulary())] * 4, trainer=trainer)
+    learnt = bpe.get_vocab()
+    merges = [
+        tuple(m) if isinstance(m, list) else tuple(m.split()) for m in json.loads(bpe.to_str())["model"]["merges"]
+    ]
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for c in alphabet:
+        vocab.setdefault(c, len(vocab))
+        vocab.setdefault(c + "</w>", len(vocab))
+    for token in sorted(learnt, key=learnt.get):
+        vocab.setdefault(token, len(vocab))
+    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=max_length)
+
+
+def build_text_encoder(vocab_size: int) -> CLIPTextModel:
+    config = CLIPTextConfig(
+        vocab_size=vocab_size,
+        hidden_size=TEXT_HIDDEN,
+        intermediate_size=4 * TEXT_HIDDEN,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        max_position_embeddings=MAX_PROMPT_TOKENS,
+        projection_dim=TEXT_HIDDEN,
+        bos_token_id=0,
+        eos_token_id=1,
+        pad_token_id=1,
+    )
+    return CLIPTextModel(config)
+
+
+def build_vae() -> AutoencoderKL:
+    """64x64x3 images <-> 16x16x4 latents (two downsamplings), as SD's VAE but narrower."""
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 3,
+        up_block_types=("UpDecoderBlock2D",) * 3,
+        block_out_channels=(24, 48, 64),
+        layers_per_block=1,
+        latent_channels=LATENT_CHANNELS,
+        norm_num_groups=8,
+        sample_size=64,
+    )
+
+
+def build_unet() -> UNet2DConditionModel:
+    """SD's UNet2DConditionModel with cross-attention at 8x8 and 4x4 (the 16x16 level is convolutional)."""
+    return UNet2DConditionModel(
+        sample_size=16,
+        in_channels=LATENT_CHANNELS,
+        out_channels=LATENT_CHANNELS,
+        block_out_channels=(32, 64, 128),
+        layers_per_block=1,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=TEXT_HIDDEN,
+        attention_head_dim=4,
+        norm_num_groups=16,
+    )
+
+
+def build_scheduler() -> DDIMScheduler:
+    """DDPM's linear betas (terminal SNR ~4e-5, so little colour or position leaks through the last step);
+    no sample clipping (latents are not bounded to [-1, 1]); trailing spacing so sampling starts at t = 999."""
+    return DDIMScheduler(
+        num_train_timesteps=1000,
+        beta_schedule="linear",
+        beta_start=0.0001,
+        beta_end=0.02,
+        clip_sample=False,
+        set_alpha_to_one=False,
+        timestep_spacing="trailing",
+        steps_offset=1,
+        prediction_type="epsilon",
+    )

@@ -1,0 +1,121 @@
+"""Benchmarks the bundled `tinyworld` model and its evaluator; writes bench/results/tinyworld.{json,md}.
+
+    python scripts/bench_tinyworld.py [--single 200] [--double 100] [--steps 25]
+
+- evaluator: per-attribute accuracy on fresh renders (a seed the training never used), named and unnamed attributes;
+- model: prompt adherence read by the evaluator, for single- and two-object prompts, each image with its own seed,
+  at guidance 5 and at guidance 1 (no CFG);
+- `genreg generate`: wall time of one call (load + 25 steps) on this machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import random
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from genreg import load_pipeline
+from genreg.tinyworld import Evaluator, render_many, sample_scene, scene_prompt
+
+RESULTS = Path(__file__).resolve().parents[1] / "bench" / "results"
+
+
+def evaluator_accuracy(evaluator: Evaluator, n: int, seed: int) -> dict[str, float]:
+    rng = random.Random(seed)
+    scenes = [sample_scene(rng, holdout=False) for _ in range(n)]
+    return evaluator.accuracy(render_many(scenes, processes=2), scenes)
+
+
+def adherence(pipe, evaluator: Evaluator, prompts: list[str], guidance: float, steps: int, seed: int) -> dict:
+    images, start = [], time.perf_counter()
+    for i in range(0, len(prompts), 50):
+        chunk = prompts[i : i + 50]
+        generators = [torch.Generator().manual_seed(seed + i + k) for k in range(len(chunk))]
+        images += pipe(chunk, num_inference_steps=steps, guidance_scale=guidance, generator=generators).images
+    return evaluator.score(images, prompts) | {"seconds": time.perf_counter() - start}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--single", type=int, default=200)
+    p.add_argument("--double", type=int, default=100)
+    p.add_argument("--steps", type=int, default=25)
+    p.add_argument("--renders", type=int, default=5000)
+    p.add_argument("--seed", type=int, default=2026)
+    args = p.parse_args()
+    torch.set_num_threads(2)
+
+    evaluator = Evaluator.load()
+    pipe = load_pipeline("tinyworld", device="cpu")
+    pipe.set_progress_bar_config(disable=True)
+    rng = random.Random(args.seed)
+    single = [scene_prompt(sample_scene(rng, 1)) for _ in range(args.single)]
+    double = [scene_prompt(sample_scene(rng, 2)) for _ in range(args.double)]
+
+    results: dict = {"evaluator_on_renders": evaluator_accuracy(evaluator, args.renders, args.seed + 1), "model": {}}
+    for guidance in (5.0, 1.0):
+        for name, prompts in (("single", single), ("double", double)):
+            r = adherence(pipe, evaluator, prompts, guidance, args.steps, seed=args.seed * 1000)
+            results["model"][f"{name}@{guidance:g}"] = r
+            print(name, guidance, json.dumps({k: round(v, 3) for k, v in r.items()}), flush=True)
+
+    start = time.perf_counter()
+    cmd = [
+        sys.executable,
+        "-m",
+        "genreg.cli",
+        "generate",
+        "a red circle on the left",
+        "a small blue square at the top",
+    ]
+    subprocess.run([*cmd, "--out", str(RESULTS / "generate_check.png")], check=True, capture_output=True)
+    results["cli_generate_seconds"] = time.perf_counter() - start
+    (RESULTS / "generate_check.png").unlink()
+    results["settings"] = vars(args) | {
+        "scheduler": "DDIM (bundled config)",
+        "machine": platform.processor() or platform.machine(),
+        "threads": 2,
+    }
+
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "tinyworld.json").write_text(json.dumps(results, indent=1))
+    ev = results["evaluator_on_renders"]
+    lines = [
+        "# Tiny World benchmark",
+        "",
+        f"Command: `python scripts/bench_tinyworld.py --single {args.single} --double {args.double}"
+        f" --steps {args.steps}`",
+        "",
+        f"## Evaluator on {args.renders} fresh renders (per-attribute accuracy)",
+        "",
+        "| " + " | ".join(ev) + " |",
+        "|" + "---|" * len(ev),
+        "| " + " | ".join(f"{v:.4f}" for v in ev.values()) + " |",
+        "",
+        f"## Bundled model, {args.steps} DDIM steps, one seed per image",
+        "",
+        "| prompts | guidance | n | shape | color | size | position | count | all correct | seconds |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for key, r in results["model"].items():
+        name, guidance = key.split("@")
+        cols = " | ".join(f"{r[k]:.3f}" for k in ("shape", "color", "size", "position", "count", "all_correct"))
+        lines.append(f"| {name} | {guidance} | {r['n']} | {cols} | {r['seconds']:.0f} |")
+    lines += [
+        "",
+        f"`genreg generate` with two prompts (load + generate, new process): {results['cli_generate_seconds']:.1f} s",
+        "",
+    ]
+    (RESULTS / "tinyworld.md").write_text("\n".join(lines))
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,371 @@
+"""Trains the bundled `tinyworld` model and its evaluator from scratch, on a CPU in under two hours.
+
+    python scripts/train_tinyworld.py --work_dir runs/tinyworld --output_dir genreg/tinyworld/model
+
+Stages (each resumes from what the previous run left in --work_dir):
+  1. render the training pools (base distribution without HELD_OUT values; full distribution for evaluator and VAE)
+  2. evaluator: slot-wise attribute classifier        -> evaluator.safetensors
+  3. VAE: AutoencoderKL 64x64x3 <-> 16x16x4             -> vae/
+  4. encode the base pool once through the VAE          -> latents.safetensors
+  5. UNet + CLIP text encoder, epsilon objective with min-SNR weighting, EMA weights; every --eval_every steps
+     the EMA model samples prompts (25 DDIM steps, guidance 5) and the evaluator scores them; the best is kept.
+  6. the best EMA model is written as a diffusers StableDiffusionPipeline (safetensors) to --output_dir.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from diffusers import StableDiffusionPipeline
+from safetensors.torch import load_file, save_file
+
+from genreg.tinyworld.architecture import build_scheduler, build_text_encoder, build_tokenizer, build_unet, build_vae
+from genreg.tinyworld.evaluator import Evaluator, EvaluatorNet, evaluator_loss, scene_targets
+from genreg.tinyworld.render import render_many
+from genreg.tinyworld.world import Scene, caption, sample_scene, scene_prompt
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def atomic_save(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    tmp = path.with_suffix(".tmp")
+    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp))
+    os.replace(tmp, path)
+
+
+def atomic_json(obj, path: Path) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(obj, indent=1))
+    os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# 1. Data
+
+
+def make_pool(path: Path, n: int, seed: int, holdout: bool, processes: int) -> tuple[np.ndarray, list[Scene]]:
+    if not path.exists():
+        rng = random.Random(seed)
+        scenes = [sample_scene(rng, holdout=holdout) for _ in range(n)]
+        t = time.time()
+        images = render_many(scenes, processes)
+        log(f"rendered {n} scenes in {time.time() - t:.0f}s -> {path.name}")
+        tmp = path.with_suffix(".tmp.npz")
+        np.savez(tmp, images=images, scenes=np.array([json.dumps(s.to_dict()) for s in scenes]))
+        os.replace(tmp, path)
+    data = np.load(path)
+    return data["images"], [Scene.from_dict(json.loads(s)) for s in data["scenes"]]
+
+
+def to_float(images: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# 2. Evaluator
+
+
+def augment(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    """Shifts of up to 2 px, blur, noise and colour jitter: generated images are never pixel-perfect renders."""
+    b = len(x)
+    dx, dy = torch.randint(-2, 3, (2,), generator=g).tolist()
+    x = torch.roll(x, shifts=(dy, dx), dims=(2, 3))
+    blurred = F.avg_pool2d(F.pad(x, (1, 1, 1, 1), mode="replicate"), 3, stride=1)
+    w = torch.rand(b, 1, 1, 1, generator=g) * 0.6
+    x = (1 - w) * x + w * blurred
+    x = x * (1 + 0.06 * (torch.rand(b, 3, 1, 1, generator=g) - 0.5)) + 0.04 * (
+        torch.rand(b, 1, 1, 1, generator=g) - 0.5
+    )
+    x = x + torch.randn(x.shape, generator=g) * torch.rand(b, 1, 1, 1, generator=g) * 0.04
+    return x.clamp(0, 1)
+
+
+def train_evaluator(
+    images: np.ndarray, scenes: list[Scene], steps: int, device: torch.device, seed: int
+) -> EvaluatorNet:
+    torch.manual_seed(seed)
+    g = torch.Generator().manual_seed(seed)
+    targets = torch.from_numpy(np.stack([scene_targets(s)[0] for s in scenes]))
+    backgrounds = torch.tensor([scene_targets(s)[1] for s in scenes])
+    net = EvaluatorNet().to(device)
+    opt = torch.optim.AdamW(net.parameters(), lr=2e-3, weight_decay=1e-4)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=2e-3, total_steps=steps, pct_start=0.1)
+    for step in range(steps):
+        idx = torch.randint(0, len(images), (64,), generator=g)
+        x = augment(to_float(images[idx.numpy()]), g).to(device)
+        loss = evaluator_loss(net, x, targets[idx].to(device), backgrounds[idx].to(device))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        if step % 250 == 0 or step == steps - 1:
+            log(f"evaluator step {step} loss {loss.item():.4f}")
+    return net.eval().cpu()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# 3. VAE
+
+
+def train_vae(images: np.ndarray, steps: int, device: torch.device, seed: int):
+    torch.manual_seed(seed)
+    g = torch.Generator().manual_seed(seed)
+    vae = build_vae().to(device)
+    opt = torch.optim.AdamW(vae.parameters(), lr=1e-3, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=1e-3, total_steps=steps, pct_start=0.1)
+    for step in range(steps):
+        idx = torch.randint(0, len(images), (32,), generator=g).numpy()
+        # The VAE is convolutional: random 32x32 crops (on the latent grid) train it at a quarter of the cost.
+        top, left = (4 * torch.randint(0, 9, (2,), generator=g)).tolist()
+        x = to_float(images[idx, top : top + 32, left : left + 32]).to(device) * 2 - 1
+        posterior = vae.encode(x).latent_dist
+        recon = vae.decode(posterior.sample()).sample
+        loss = F.mse_loss(recon, x) + 0.5 * F.l1_loss(recon, x) + 1e-6 * posterior.kl().mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        if step % 250 == 0 or step == steps - 1:
+            log(f"vae step {step} loss {loss.item():.5f}")
+    return vae.eval().cpu()
+
+
+@torch.no_grad()
+def encode(vae, images: np.ndarray, device: torch.device) -> torch.Tensor:
+    vae = vae.to(device)
+    out = [
+        vae.encode(to_float(images[i : i + 256]).to(device) * 2 - 1).latent_dist.mean.cpu()
+        for i in range(0, len(images), 256)
+    ]
+    return torch.cat(out)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# 5. UNet + text encoder
+
+
+def eval_prompts(n_single: int, n_double: int, seed: int) -> list[str]:
+    rng = random.Random(seed)
+    return [scene_prompt(sample_scene(rng, 1)) for _ in range(n_single)] + [
+        scene_prompt(sample_scene(rng, 2)) for _ in range(n_double)
+    ]
+
+
+@torch.no_grad()
+def sample_and_score(pipe, evaluator: Evaluator, prompts: list[str], seed: int, guidance: float = 5.0) -> dict:
+    pipe.set_progress_bar_config(disable=True)
+    images = []
+    for i in range(0, len(prompts), 64):
+        g = torch.Generator().manual_seed(seed + i)
+        images += pipe(
+            prompts[i : i + 64], num_inference_steps=25, guidance_scale=guidance, generator=g, output_type="pil"
+        ).images
+    return evaluator.score(images, prompts)
+
+
+def optimizer_state(opt: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
+    flat = {}
+    for i, state in opt.state_dict()["state"].items():
+        for k, v in state.items():
+            flat[f"{i}.{k}"] = v if torch.is_tensor(v) else torch.tensor(v)
+    return flat
+
+
+def load_optimizer_state(opt: torch.optim.Optimizer, flat: dict[str, torch.Tensor]) -> None:
+    sd = opt.state_dict()
+    state: dict[int, dict] = {}
+    for key, v in flat.items():
+        i, k = key.split(".", 1)
+        state.setdefault(int(i), {})[k] = v
+    sd["state"] = state
+    opt.load_state_dict(sd)
+
+
+def train_denoiser(args, latents: torch.Tensor, scenes: list[Scene], vae, evaluator: Evaluator, work: Path, device):
+    tokenizer = build_tokenizer()
+    unet, text_encoder = build_unet(), build_text_encoder(len(tokenizer))
+    scheduler = build_scheduler()
+    models = torch.nn.ModuleDict({"unet": unet, "text_encoder": text_encoder}).to(device)
+    ema = {k: v.detach().clone() for k, v in models.state_dict().items()}
+    opt = torch.optim.AdamW(models.parameters(), lr=args.lr, weight_decay=1e-2)
+    step, best = 0, {"score": -1.0}
+    ckpt = work / "denoiser_checkpoint"
+    if (ckpt / "state.json").exists():
+        meta = json.loads((ckpt / "state.json").read_text())
+        models.load_state_dict(load_file(str(ckpt / "model.safetensors")))
+        ema = load_file(str(ckpt / "ema.safetensors"))
+        load_optimizer_state(opt, load_file(str(ckpt / "optimizer.safetensors")))
+        step, best = meta["step"], meta["best"]
+        torch.set_rng_state(load_file(str(ckpt / "rng.safetensors"))["torch"])
+        log(f"resumed denoiser training at step {step}")
+    rng = random.Random(args.seed + step)
+    alphas = scheduler.alphas_cumprod.to(device)
+    snr = alphas / (1 - alphas)
+    prompts = eval_prompts(140, 60, seed=12345)
+
+    def lr_at(s: int) -> float:
+        warm = 200
+        if s < warm:
+            return args.lr * (s + 1) / warm
+        p = (s - warm) / max(1, args.unet_steps - warm)
+        return args.lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * p)))
+
+    def ema_pipeline():
+        te, un = build_text_encoder(len(tokenizer)), build_unet()
+        te.load_state_dict({k[len("text_encoder.") :]: v for k, v in ema.items() if k.startswith("text_encoder.")})
+        un.load_state_dict({k[len("unet.") :]: v for k, v in ema.items() if k.startswith("unet.")})
+        return StableDiffusionPipeline(
+            vae=vae,
+            text_encoder=te,
+            tokenizer=tokenizer,
+            unet=un,
+            scheduler=scheduler,
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
+        ).to(device)
+
+    t0 = time.time()
+    while step < args.unet_steps:
+        idx = torch.randint(0, len(latents), (args.batch_size,))
+        texts = ["" if rng.random() < 0.1 else caption(scenes[i], rng) for i in idx.tolist()]
+        ids = tokenizer(
+            texts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
+        ).input_ids
+        x0 = latents[idx].to(device) * vae.config.scaling_factor
+        noise = torch.randn_like(x0)
+        t = torch.randint(0, scheduler.config.num_train_timesteps, (len(x0),), device=device)
+        xt = scheduler.add_noise(x0, noise, t)
+        cond = text_encoder(ids.to(device))[0]
+        pred = unet(xt, t, cond).sample
+        weight = snr[t].clamp(max=5.0) / snr[t]  # min-SNR-5 weighting (Hang et al. 2023) for epsilon prediction
+        loss = (weight * (pred - noise).pow(2).mean(dim=(1, 2, 3))).mean()
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(models.parameters(), 1.0)
+        opt.step()
+        step += 1
+        decay = min(args.ema_decay, (1 + step) / (10 + step))
+        with torch.no_grad():
+            for k, v in models.state_dict().items():
+                ema[k].lerp_(v, 1 - decay) if v.is_floating_point() else ema[k].copy_(v)
+        if step % 100 == 0:
+            log(f"denoiser step {step} loss {loss.item():.4f} ({(time.time() - t0) / 100:.2f}s/step)")
+            t0 = time.time()
+        if step % args.eval_every == 0 or step == args.unet_steps:
+            scores = sample_and_score(ema_pipeline(), evaluator, prompts, seed=0)
+            log(f"eval step {step}: {json.dumps({k: round(v, 3) for k, v in scores.items()})}")
+            if scores["all_correct"] > best["score"]:
+                best = {"score": scores["all_correct"], "step": step, "scores": scores}
+                atomic_save(ema, work / "best_ema.safetensors")
+                log(f"new best at step {step}")
+            t0 = time.time()
+        if step % args.checkpointing_steps == 0 or step == args.unet_steps:
+            tmp = work / "denoiser_checkpoint.tmp"
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir()
+            save_file({k: v.contiguous() for k, v in models.state_dict().items()}, str(tmp / "model.safetensors"))
+            save_file(ema, str(tmp / "ema.safetensors"))
+            save_file(optimizer_state(opt), str(tmp / "optimizer.safetensors"))
+            save_file({"torch": torch.get_rng_state()}, str(tmp / "rng.safetensors"))
+            (tmp / "state.json").write_text(json.dumps({"step": step, "best": best}))
+            shutil.rmtree(ckpt, ignore_errors=True)
+            os.replace(tmp, ckpt)
+    ema.update(load_file(str(work / "best_ema.safetensors")))
+    log(f"best EMA model: step {best['step']} all_correct {best['score']:.3f}")
+    return ema_pipeline().to("cpu"), best
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--work_dir", default="runs/tinyworld", help="intermediate files and checkpoints (resumable)")
+    p.add_argument("--output_dir", default="genreg/tinyworld/model", help="where the diffusers model is written")
+    p.add_argument("--evaluator_out", default="genreg/tinyworld/evaluator.safetensors")
+    p.add_argument("--base_pool", type=int, default=60000, help="training scenes without held-out values")
+    p.add_argument("--full_pool", type=int, default=30000, help="scenes over every value (evaluator, VAE)")
+    p.add_argument("--evaluator_steps", type=int, default=2500)
+    p.add_argument("--vae_steps", type=int, default=2000)
+    p.add_argument("--unet_steps", type=int, default=6000)
+    p.add_argument("--batch_size", type=int, default=64)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--ema_decay", type=float, default=0.999)
+    p.add_argument("--eval_every", type=int, default=1000)
+    p.add_argument("--checkpointing_steps", type=int, default=250)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--processes", type=int, default=2, help="render workers")
+    args = p.parse_args()
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    work = Path(args.work_dir)
+    work.mkdir(parents=True, exist_ok=True)
+    start = time.time()
+    log(f"device {device}, torch threads {torch.get_num_threads()}")
+
+    base_images, base_scenes = make_pool(work / "pool_base.npz", args.base_pool, args.seed, True, args.processes)
+    full_images, full_scenes = make_pool(work / "pool_full.npz", args.full_pool, args.seed + 1, False, args.processes)
+    test_images, test_scenes = make_pool(work / "pool_test.npz", 5000, args.seed + 2, False, args.processes)
+
+    eval_path = work / "evaluator.safetensors"
+    if not eval_path.exists():
+        net = train_evaluator(full_images, full_scenes, args.evaluator_steps, device, args.seed)
+        atomic_save(net.state_dict(), eval_path)
+    evaluator = Evaluator.load(eval_path, device)
+    acc = evaluator.accuracy(test_images, test_scenes)
+    log(f"evaluator accuracy on 5000 fresh renders: {json.dumps({k: round(v, 4) for k, v in acc.items()})}")
+    atomic_json(acc, work / "evaluator_accuracy.json")
+
+    vae_dir = work / "vae"
+    if not (vae_dir / "config.json").exists():
+        vae = train_vae(np.concatenate([base_images, full_images]), args.vae_steps, device, args.seed)
+        tmp = work / "vae.tmp"
+        vae.save_pretrained(tmp)
+        os.replace(tmp, vae_dir)
+    from diffusers import AutoencoderKL
+
+    vae = AutoencoderKL.from_pretrained(vae_dir)
+    lat_path = work / "latents.safetensors"
+    if not lat_path.exists():
+        latents = encode(vae, base_images, device)
+        scale = 1.0 / latents.std().item()
+        atomic_save({"latents": latents, "scale": torch.tensor(scale)}, lat_path)
+    saved = load_file(str(lat_path))
+    vae.register_to_config(scaling_factor=float(saved["scale"]))
+    log(f"latents {tuple(saved['latents'].shape)}, scaling factor {float(saved['scale']):.4f}")
+    with torch.no_grad():
+        recon = vae.decode(saved["latents"][:512]).sample
+    recon = ((recon.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
+    log(
+        "evaluator on VAE reconstructions: "
+        + json.dumps({k: round(v, 4) for k, v in evaluator.accuracy(recon, base_scenes[:512]).items()})
+    )
+
+    pipe, best = train_denoiser(args, saved["latents"], base_scenes, vae, evaluator, work, device)
+    out = Path(args.output_dir)
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    pipe.save_pretrained(tmp, safe_serialization=True)
+    shutil.rmtree(out, ignore_errors=True)
+    os.replace(tmp, out)
+    shutil.copyfile(eval_path, args.evaluator_out)
+    atomic_json(
+        {"best": best, "evaluator_accuracy": acc, "wall_seconds_this_run": time.time() - start}, work / "summary.json"
+    )
+    log(f"wrote {out} and {args.evaluator_out} in {time.time() - start:.0f}s")
+
+
+if __name__ == "__main__":
+    main()

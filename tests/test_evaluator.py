@@ -1,0 +1,70 @@
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from genreg.tinyworld import Obj, Scene, render, render_many, sample_scene, scene_prompt
+
+
+@pytest.fixture(scope="module")
+def renders():
+    rng = random.Random(777)
+    scenes = [sample_scene(rng, holdout=False) for _ in range(300)]
+    return render_many(scenes), scenes
+
+
+def test_reads_every_attribute_of_fresh_renders(evaluator, renders):
+    images, scenes = renders
+    acc = evaluator.accuracy(images, scenes)
+    assert set(acc) == {"count", "background", "position", "shape", "color", "size", "pattern", "outline"}
+    for name, value in acc.items():
+        assert value >= 0.97, (name, value)
+
+
+def test_score_against_prompts(evaluator, renders):
+    images, scenes = renders
+    prompts = [scene_prompt(s, background=True) for s in scenes]
+    good = evaluator.score(images, prompts)
+    assert good["all_correct"] >= 0.95 and good["n"] == len(prompts)
+    # The same images against prompts that name another colour for every object.
+    swap = {
+        "red": "green",
+        "green": "blue",
+        "blue": "yellow",
+        "yellow": "orange",
+        "orange": "purple",
+        "purple": "cyan",
+        "cyan": "red",
+    }
+    wrong = [" ".join(swap.get(w, w) for w in p.split()) for p in prompts]
+    bad = evaluator.score(images, wrong)
+    assert bad["color"] <= 0.05 and bad["all_correct"] <= 0.05
+    assert bad["shape"] >= 0.95  # only colour changed
+
+
+def test_prompts_without_positions_match_the_best_object(evaluator):
+    image, _ = render(Scene((Obj("star", "red", "large", "left"), Obj("circle", "blue", "small", "bottom"))))
+    assert evaluator.score([image], ["a blue circle and a red star"])["all_correct"] == 1.0
+    assert evaluator.score([image], ["a red star"])["count"] == 0.0  # two objects where one was asked for
+
+
+def test_embedding_is_normalised_and_separates_scenes(evaluator):
+    a, _ = render(Scene((Obj("star", "red", "large", "left"),)))
+    b, _ = render(Scene((Obj("star", "red", "large", "left", pattern="dotted"),)))
+    c, _ = render(Scene((Obj("square", "blue", "small", "top"),), "black"))
+    e = evaluator.embed([a, a, b, c])
+    torch.testing.assert_close(e.norm(dim=-1), torch.ones(4))
+    sim = e @ e.T
+    assert sim[0, 1] > 0.999 and sim[0, 2] < sim[0, 1] and sim[0, 3] < sim[0, 2]
+
+
+def test_input_checks(evaluator):
+    with pytest.raises(ValueError, match="RGB images"):
+        evaluator.read(torch.zeros(2, 1, 64, 64))
+    image, _ = render(sample_scene(random.Random(0)))
+    with pytest.raises(ValueError, match="1 images for 2 prompts"):
+        evaluator.score([image], ["a red circle", "a blue star"])
+    # Other sizes are resized to 64x64 first.
+    big = image.resize((128, 128))
+    assert evaluator.read([big])[0] == evaluator.read(np.asarray(image)[None])[0]

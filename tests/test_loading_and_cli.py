@@ -1,0 +1,115 @@
+import numpy as np
+import pytest
+import torch
+from diffusers import StableDiffusionPipeline
+from PIL import Image
+
+from genreg import load_pipeline
+from genreg.cli import main
+from genreg.tinyworld import model_path
+
+
+def test_unknown_model_name_says_what_is_accepted():
+    with pytest.raises(FileNotFoundError, match="neither a bundled model"):
+        load_pipeline("tinyword")
+
+
+def test_missing_directory_is_reported():
+    with pytest.raises(FileNotFoundError, match="not found"):
+        load_pipeline("./no/such/model/dir")
+
+
+def test_directory_without_model_index(tmp_path):
+    with pytest.raises(ValueError, match="no model_index.json"):
+        load_pipeline(tmp_path)
+
+
+def test_uncached_hub_id_names_the_download(monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
+    with pytest.raises(FileNotFoundError, match="hf download someone/some-model"):
+        load_pipeline("someone/some-model")
+
+
+def test_load_pipeline_tinyworld_matches_plain_diffusers(tinyworld_pipe):
+    pipe = load_pipeline("tinyworld", device="cpu")
+    assert pipe.dtype == torch.float32 and pipe.device.type == "cpu"
+    kwargs = dict(num_inference_steps=3, guidance_scale=5.0, output_type="np")
+    a = pipe("a red circle on the left", generator=torch.Generator().manual_seed(1), **kwargs).images
+    b = tinyworld_pipe("a red circle on the left", generator=torch.Generator().manual_seed(1), **kwargs).images
+    assert a.shape == (1, 64, 64, 3)
+    np.testing.assert_array_equal(a, b)
+
+
+def test_learned_token_saves_and_loads_with_load_textual_inversion(tmp_path):
+    from safetensors.torch import save_file
+
+    pipe = StableDiffusionPipeline.from_pretrained(model_path())
+    pipe.set_progress_bar_config(disable=True)
+    dim = pipe.text_encoder.get_input_embeddings().weight.shape[1]
+    vec = (
+        pipe.text_encoder.get_input_embeddings()
+        .weight[pipe.tokenizer.convert_tokens_to_ids("star</w>")]
+        .detach()
+        .clone()
+    )
+    save_file({"<my-thing>": vec[None]}, str(tmp_path / "learned_embeds.safetensors"))
+    pipe.load_textual_inversion(tmp_path, token="<my-thing>")
+    assert pipe.text_encoder.get_input_embeddings().weight.shape[1] == dim
+    token_id = pipe.tokenizer.convert_tokens_to_ids("<my-thing>")
+    torch.testing.assert_close(pipe.text_encoder.get_input_embeddings().weight[token_id], vec)
+    kwargs = dict(num_inference_steps=4, guidance_scale=5.0, output_type="np")
+    learned = pipe("a red <my-thing> on the left", generator=torch.Generator().manual_seed(0), **kwargs).images
+    word = pipe("a red star on the left", generator=torch.Generator().manual_seed(0), **kwargs).images
+    np.testing.assert_allclose(learned, word, atol=1e-5)  # the token holds the word's embedding
+
+
+def test_cli_generate_writes_a_grid(tmp_path, capsys):
+    out = tmp_path / "grid.png"
+    assert (
+        main(
+            [
+                "generate",
+                "a red circle on the left",
+                "a small blue square at the top",
+                "--steps",
+                "2",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
+    assert Image.open(out).size == (64, 128)
+    assert "wrote" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["generate", "  "], "is empty"),
+        (["generate", "a red circle", "--steps", "-3"], "--steps must be a positive"),
+        (["generate", "a red circle", "--guidance-scale", "-1"], "--guidance-scale must be a number >= 0"),
+        (["generate", "a red circle", "--model", "nosuchmodel"], "neither a bundled model"),
+    ],
+)
+def test_cli_bad_input_is_a_clear_error(argv, message, capsys):
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("genreg: error:") and message in err and "Traceback" not in err
+
+
+def test_cli_evaluate_refuses_a_non_image_file(tmp_path, capsys):
+    bogus = tmp_path / "notes.png"
+    bogus.write_text("not an image")
+    assert main(["evaluate", str(bogus), "--prompt", "a red circle"]) == 2
+    assert "not a readable image file" in capsys.readouterr().err
+
+
+def test_cli_evaluate_scores_a_render(tmp_path, capsys):
+    from genreg.tinyworld import Obj, Scene, render
+
+    path = tmp_path / "scene.png"
+    render(Scene((Obj("triangle", "yellow", "large", "right"),), "black"))[0].save(path)
+    assert main(["evaluate", str(path), "--prompt", "a large yellow triangle on the right, black background"]) == 0
+    out = capsys.readouterr().out
+    assert "right: triangle yellow large" in out and "all_correct=1.000" in out

@@ -1,0 +1,113 @@
+import random
+
+import numpy as np
+import pytest
+
+from genreg.tinyworld import HELD_OUT, Obj, Scene, caption, parse_prompt, render, sample_scene, scene_prompt
+from genreg.tinyworld.world import vocabulary
+
+
+def test_render_is_deterministic_and_masks_cover_objects():
+    scene = Scene((Obj("star", "red", "large", "left", "striped", "outlined"), Obj("circle", "blue", "small", "top")))
+    a, masks = render(scene)
+    b, _ = render(scene)
+    assert a.size == (64, 64) and a.mode == "RGB"
+    assert np.array_equal(np.asarray(a), np.asarray(b))
+    assert masks.shape == (2, 64, 64) and masks.dtype == bool
+    assert masks[0].sum() > masks[1].sum() > 0  # large before small
+    assert not (masks[0] & masks[1]).any()
+    # The left object's mask lies in the left half, the top object's in the top half.
+    assert np.nonzero(masks[0])[1].max() < 32 and np.nonzero(masks[1])[0].max() < 32
+
+
+def test_sample_scene_is_seeded_and_holds_out_values():
+    assert sample_scene(random.Random(3)) == sample_scene(random.Random(3))
+    rng = random.Random(0)
+    seen = {name: set() for name in HELD_OUT}
+    for _ in range(2000):
+        for obj in sample_scene(rng, holdout=True).objects:
+            for name in HELD_OUT:
+                seen[name].add(getattr(obj, name))
+    for name, values in HELD_OUT.items():
+        assert not seen[name] & set(values), f"held-out {name} sampled"
+    full = {o.shape for _ in range(500) for o in sample_scene(rng, holdout=False).objects}
+    assert "moon" in full
+
+
+def test_pattern_and_outline_change_pixels_but_never_reach_captions():
+    base = Obj("square", "green", "large", "center")
+    plain, _ = render(Scene((base,)))
+    for variant in (
+        Obj("square", "green", "large", "center", pattern="dotted"),
+        Obj("square", "green", "large", "center", outline="outlined"),
+    ):
+        img, _ = render(Scene((variant,)))
+        assert not np.array_equal(np.asarray(img), np.asarray(plain))
+    rng = random.Random(1)
+    for _ in range(300):
+        text = caption(sample_scene(rng), rng)
+        assert not any(w in text for w in ("striped", "dotted", "checkered", "outlined", "solid"))
+
+
+def test_captions_parse_back_to_the_scene():
+    rng = random.Random(2)
+    for _ in range(300):
+        scene = sample_scene(rng)
+        spec = parse_prompt(caption(scene, rng))
+        assert len(spec.objects) == len(scene.objects)
+        by_shape_and_pos = {(o.shape, o.position): o for o in scene.objects}
+        for want in spec.objects:
+            matches = [
+                o
+                for (shape, pos), o in by_shape_and_pos.items()
+                if shape == want["shape"] and want.get("position", pos) == pos
+            ]
+            assert matches and all(getattr(matches[0], k) == v for k, v in want.items())
+
+
+def test_parse_prompt_reads_typed_phrasings():
+    spec = parse_prompt("A small blue square at the top and an orange star in the middle, black background")
+    assert spec.background == "black"
+    assert spec.objects == [
+        {"shape": "square", "color": "blue", "size": "small", "position": "top"},
+        {"shape": "star", "color": "orange", "position": "center"},
+    ]
+    assert parse_prompt(scene_prompt(sample_scene(random.Random(0), 1))).objects[0].keys() == {
+        "shape",
+        "color",
+        "size",
+        "position",
+    }
+    with pytest.raises(ValueError, match="names no tiny-world shape"):
+        parse_prompt("a cat on a sofa")
+
+
+def test_invalid_scenes_are_refused():
+    with pytest.raises(ValueError, match="unknown shape"):
+        Obj("hexagon", "red", "small", "left")
+    with pytest.raises(ValueError, match="share the position"):
+        Scene((Obj("circle", "red", "small", "left"), Obj("star", "blue", "small", "left")))
+    with pytest.raises(ValueError, match="not the center"):
+        Scene((Obj("circle", "red", "small", "center"), Obj("star", "blue", "small", "left")))
+    with pytest.raises(ValueError, match="unknown background"):
+        Scene((Obj("circle", "red", "small", "left"),), "plaid")
+
+
+def test_scene_dict_round_trip():
+    scene = sample_scene(random.Random(5), 2)
+    assert Scene.from_dict(scene.to_dict()) == scene
+
+
+def test_tokenizer_makes_world_words_single_tokens_and_accepts_new_ones(tmp_path):
+    from transformers import CLIPTokenizer
+
+    from genreg.tinyworld.architecture import build_tokenizer
+
+    tok = build_tokenizer()
+    for word in vocabulary():
+        assert len(tok(word, add_special_tokens=False).input_ids) == 1, word
+    assert tok.add_tokens(["<my-shape>"]) == 1
+    ids = tok("a <my-shape> on the left").input_ids
+    assert len(tok) - 1 in ids
+    tok.save_pretrained(tmp_path)
+    assert CLIPTokenizer.from_pretrained(tmp_path)("a <my-shape> on the left").input_ids == ids

@@ -1,0 +1,1 @@
+"""The genreg web app, imported as ``genreg.ui``."""

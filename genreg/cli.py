@@ -14,7 +14,7 @@ def _generate(args: argparse.Namespace) -> None:
     import torch
 
     from .checks import require_nonnegative, require_positive_int, require_prompts
-    from .guidance import guided_call, make_guidance
+    from .guidance import guided_call, make_guidance, stock_call
     from .io import image_grid, save_image
     from .models import load_pipeline
 
@@ -29,7 +29,7 @@ def _generate(args: argparse.Namespace) -> None:
     )
     start = time.perf_counter()
     out, nfe, _ = guided_call(
-        pipe.__call__,
+        stock_call(pipe),
         pipe,
         policy,
         prompts,

@@ -10,7 +10,12 @@ so a skipped branch costs nothing, and every stock text-to-image pipeline (SD 1.
 - ``AdaptiveGuidance``: Castillo et al. (2023, arXiv 2312.12487): CFG until gamma_t = cos(eps_c, eps_u) >= gamma_bar,
   conditional only afterwards.
 - ``LinearAG``: same paper: on alternate steps of the first part the unconditional estimate is an affine
-  combination of past estimates, with per-step least-squares coefficients (``fit_linear_ag``).
+  combination of past estimates, with per-step least-squares coefficients (``LinearAGFitter``, ``calibrate``).
+
+AG has no official code. Where the paper is silent genreg follows its research notes: CFG is still applied on the
+step where gamma_t crosses gamma_bar; the cosine is measured in x0 space by default (in epsilon space it starts near
+1 at high noise, so a threshold there ends guidance at once); LinearAG regresses the current conditional and the
+previous step's two predictions, with no intercept, on alternate steps of the first half.
 """
 
 from __future__ import annotations
@@ -407,6 +412,14 @@ class CalibrationRecorder(CFG):
         return uncond
 
 
+def stock_call(pipe) -> Callable:
+    """The diffusers ``__call__`` of ``pipe``'s class, bound to ``pipe``, skipping any genreg mixin above it."""
+    for cls in type(pipe).__mro__:
+        if cls.__module__.startswith("diffusers.") and "__call__" in vars(cls):
+            return vars(cls)["__call__"].__get__(pipe)
+    raise TypeError(f"{type(pipe).__name__} is not a diffusers pipeline")
+
+
 def guided_call(
     call: Callable, pipe, policy: Guidance, prompt=None, **kwargs
 ) -> tuple[object, list[int], torch.Tensor | None]:
@@ -475,7 +488,7 @@ def calibrate(
         chunk = prompts[i : i + batch_size]
         generator = [torch.Generator().manual_seed(seed + i + k) for k in range(len(chunk))]
         guided_call(
-            pipe.__call__,
+            stock_call(pipe),
             pipe,
             recorder,
             chunk,

@@ -33,6 +33,7 @@ from genreg.guidance import (
     calibrate,
     gamma_bar_for_nfe,
     guided_call,
+    stock_call,
     switch_nfe,
 )
 from genreg.tinyworld import Evaluator, sample_scene, scene_prompt
@@ -54,7 +55,7 @@ def generate(pipe, policy: Guidance, prompts: list[str], seeds: list[int], steps
         generator = [torch.Generator().manual_seed(s * 100003 + i + k) for k, (_, s) in enumerate(chunk)]
         start = time.perf_counter()
         out, n, _ = guided_call(
-            pipe.__call__,
+            stock_call(pipe),
             pipe,
             policy,
             [p for p, _ in chunk],

@@ -220,3 +220,38 @@ def test_cli_generate_with_ag_prints_nfe(tmp_path, capsys):
     argv = ["generate", "a red circle on the left", "--steps", "4", "--guidance", "ag", "--gamma-bar", "-1"]
     assert main([*argv, "--out", str(out)]) == 0
     assert "5.0 NFE per image vs 8 for CFG" in capsys.readouterr().out
+
+
+def test_calibrate_returns_curves_in_every_space_and_usable_coefficients(ag):
+    from genreg.guidance import calibrate
+
+    prompts = ["a red circle", "a blue star", "a green square"]
+    gammas, coefficients = calibrate(ag, prompts, num_inference_steps=6, guidance_scale=6.0, batch_size=2)
+    assert set(gammas) == {"epsilon", "x0", "v"}
+    for g in gammas.values():
+        assert g.shape == (6, 3) and torch.isfinite(g).all() and (g <= 1 + 1e-5).all()
+    coefficients.check(sampling_settings(ag.scheduler, 6.0, 0.5))
+    out = ag("a red circle", guidance="linear_ag", linear_ag_coefficients=coefficients, generator=seeded(), **KW)
+    assert out.nfe == [8]
+
+
+def test_calibration_script_writes_curves_plot_and_coefficients(tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    cmd = [
+        sys.executable,
+        "scripts/calibrate_adaptive_guidance.py",
+        "--num_prompts",
+        "4",
+        "--num_inference_steps",
+        "4",
+    ]
+    cmd += ["--target_nfe", "6", "--batch_size", "4", "--output_dir", str(tmp_path)]
+    subprocess.run(cmd, check=True, capture_output=True)
+    report = json.loads((tmp_path / "gamma_curves.json").read_text())
+    assert len(report["spaces"]["x0"]["curve"]["p50"]) == 4
+    assert report["spaces"]["x0"]["gamma_bar_for_nfe"]["6.0"]["mean_nfe"] <= 6
+    assert (tmp_path / "gamma_curves.png").stat().st_size > 0
+    assert LinearAGCoefficients.load(tmp_path / "linear_ag.json").settings["timesteps"] == [999, 749, 499, 249]

@@ -41,6 +41,20 @@ def _tiny_vae() -> AutoencoderKL:
     )
 
 
+def _tiny_unet(**config) -> UNet2DConditionModel:
+    return UNet2DConditionModel(
+        block_out_channels=(8, 16),
+        layers_per_block=1,
+        sample_size=16,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        norm_num_groups=4,
+        **config,
+    )
+
+
 def tiny_scheduler(prediction_type: str = "epsilon") -> DDIMScheduler:
     """SD's scheduler settings (scaled-linear betas, leading spacing, steps_offset=1)."""
     return DDIMScheduler(
@@ -58,18 +72,7 @@ def tiny_sd_components(seed: int = 0, prediction_type: str = "epsilon") -> dict:
     """SD 1.x-style components (``prediction_type="v_prediction"`` gives an SD 2.x-style model); 32x32 images."""
     torch.manual_seed(seed)
     tokenizer = build_tokenizer(max_length=77)
-    unet = UNet2DConditionModel(
-        block_out_channels=(8, 16),
-        layers_per_block=1,
-        sample_size=16,
-        in_channels=4,
-        out_channels=4,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        cross_attention_dim=32,
-        attention_head_dim=2,
-        norm_num_groups=4,
-    )
+    unet = _tiny_unet(cross_attention_dim=32, attention_head_dim=2)
     return {
         "unet": unet,
         "vae": _tiny_vae(),
@@ -87,14 +90,7 @@ def tiny_sdxl_components(seed: int = 0) -> dict:
     """SDXL-style components: two text encoders (the second with a projection), text-time conditioning; 32x32."""
     torch.manual_seed(seed)
     tokenizer = build_tokenizer(max_length=77)
-    unet = UNet2DConditionModel(
-        block_out_channels=(8, 16),
-        layers_per_block=1,
-        sample_size=16,
-        in_channels=4,
-        out_channels=4,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+    unet = _tiny_unet(
         attention_head_dim=(2, 4),
         use_linear_projection=True,
         addition_embed_type="text_time",
@@ -102,7 +98,6 @@ def tiny_sdxl_components(seed: int = 0) -> dict:
         transformer_layers_per_block=(1, 2),
         projection_class_embeddings_input_dim=6 * 8 + 32,  # six micro-conditions + the pooled text embedding
         cross_attention_dim=64,  # the two encoders' hidden states, concatenated
-        norm_num_groups=4,
     )
     return {
         "unet": unet,

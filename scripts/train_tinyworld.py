@@ -4,8 +4,8 @@
 
 Stages (each resumes from what the previous run left in --work_dir):
   1. render the training pools (base distribution without HELD_OUT values; full distribution for evaluator and VAE)
-  2. evaluator: slot-wise attribute classifier        -> evaluator.safetensors
-  3. VAE: AutoencoderKL 64x64x3 <-> 16x16x4             -> vae/
+  2. VAE: AutoencoderKL 64x64x3 <-> 16x16x4             -> vae/
+  3. evaluator: slot-wise attribute classifier, on renders and their VAE reconstructions -> evaluator.safetensors
   4. encode the base pool once through the VAE          -> latents.safetensors
   5. UNet + CLIP text encoder, epsilon objective with min-SNR weighting, EMA weights; every --eval_every steps
      the EMA model samples prompts (25 DDIM steps, guidance 5) and the evaluator scores them; the best is kept.
@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from diffusers import StableDiffusionPipeline
+from diffusers import AutoencoderKL, StableDiffusionPipeline
 from safetensors.torch import load_file, save_file
 
 from genreg.tinyworld.architecture import build_scheduler, build_text_encoder, build_tokenizer, build_unet, build_vae
@@ -49,6 +49,20 @@ def atomic_json(obj, path: Path) -> None:
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(obj, indent=1))
     os.replace(tmp, path)
+
+
+def minimise(model: torch.nn.Module, loss_fn, steps: int, lr: float, weight_decay: float, name: str) -> None:
+    """AdamW under a one-cycle schedule: the evaluator's and the VAE's fits."""
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1)
+    for step in range(steps):
+        loss = loss_fn()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        if step % 250 == 0 or step == steps - 1:
+            log(f"{name} step {step} loss {loss.item():.5f}")
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -100,18 +114,13 @@ def train_evaluator(
     targets = torch.from_numpy(np.stack([scene_targets(s)[0] for s in scenes]))
     backgrounds = torch.tensor([scene_targets(s)[1] for s in scenes])
     net = EvaluatorNet().to(device)
-    opt = torch.optim.AdamW(net.parameters(), lr=2e-3, weight_decay=1e-4)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=2e-3, total_steps=steps, pct_start=0.1)
-    for step in range(steps):
+
+    def loss() -> torch.Tensor:
         idx = torch.randint(0, len(images), (64,), generator=g)
         x = augment(to_float(images[idx.numpy()]), g).to(device)
-        loss = evaluator_loss(net, x, targets[idx].to(device), backgrounds[idx].to(device))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        if step % 250 == 0 or step == steps - 1:
-            log(f"evaluator step {step} loss {loss.item():.4f}")
+        return evaluator_loss(net, x, targets[idx].to(device), backgrounds[idx].to(device))
+
+    minimise(net, loss, steps, lr=2e-3, weight_decay=1e-4, name="evaluator")
     return net.eval().cpu()
 
 
@@ -123,23 +132,29 @@ def train_vae(images: np.ndarray, steps: int, device: torch.device, seed: int):
     torch.manual_seed(seed)
     g = torch.Generator().manual_seed(seed)
     vae = build_vae().to(device)
-    opt = torch.optim.AdamW(vae.parameters(), lr=1e-3, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=1e-3, total_steps=steps, pct_start=0.1)
-    for step in range(steps):
+
+    def loss() -> torch.Tensor:
         idx = torch.randint(0, len(images), (32,), generator=g).numpy()
         # The VAE is convolutional: random 32x32 crops (on the latent grid) train it at a quarter of the cost.
         top, left = (4 * torch.randint(0, 9, (2,), generator=g)).tolist()
         x = to_float(images[idx, top : top + 32, left : left + 32]).to(device) * 2 - 1
         posterior = vae.encode(x).latent_dist
         recon = vae.decode(posterior.sample()).sample
-        loss = F.mse_loss(recon, x) + 0.5 * F.l1_loss(recon, x) + 1e-6 * posterior.kl().mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        if step % 250 == 0 or step == steps - 1:
-            log(f"vae step {step} loss {loss.item():.5f}")
+        return F.mse_loss(recon, x) + 0.5 * F.l1_loss(recon, x) + 1e-6 * posterior.kl().mean()
+
+    minimise(vae, loss, steps, lr=1e-3, weight_decay=0.0, name="vae")
     return vae.eval().cpu()
+
+
+@torch.no_grad()
+def reconstruct(vae, images: np.ndarray, device: torch.device) -> np.ndarray:
+    """Images -> VAE latent mean -> decoded images, uint8."""
+    vae = vae.to(device)
+    out = []
+    for i in range(0, len(images), 256):
+        x = vae.decode(vae.encode(to_float(images[i : i + 256]).to(device) * 2 - 1).latent_dist.mean).sample
+        out.append(((x.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy())
+    return np.concatenate(out)
 
 
 @torch.no_grad()
@@ -299,7 +314,7 @@ def main() -> None:
     p.add_argument("--full_pool", type=int, default=30000, help="scenes over every value (evaluator, VAE)")
     p.add_argument("--evaluator_steps", type=int, default=2500)
     p.add_argument("--vae_steps", type=int, default=2000)
-    p.add_argument("--unet_steps", type=int, default=6000)
+    p.add_argument("--unet_steps", type=int, default=4500)
     p.add_argument("--batch_size", type=int, default=64)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--ema_decay", type=float, default=0.999)
@@ -319,24 +334,37 @@ def main() -> None:
     full_images, full_scenes = make_pool(work / "pool_full.npz", args.full_pool, args.seed + 1, False, args.processes)
     test_images, test_scenes = make_pool(work / "pool_test.npz", 5000, args.seed + 2, False, args.processes)
 
-    eval_path = work / "evaluator.safetensors"
-    if not eval_path.exists():
-        net = train_evaluator(full_images, full_scenes, args.evaluator_steps, device, args.seed)
-        atomic_save(net.state_dict(), eval_path)
-    evaluator = Evaluator.load(eval_path, device)
-    acc = evaluator.accuracy(test_images, test_scenes)
-    log(f"evaluator accuracy on 5000 fresh renders: {json.dumps({k: round(v, 4) for k, v in acc.items()})}")
-    atomic_json(acc, work / "evaluator_accuracy.json")
-
     vae_dir = work / "vae"
     if not (vae_dir / "config.json").exists():
         vae = train_vae(np.concatenate([base_images, full_images]), args.vae_steps, device, args.seed)
         tmp = work / "vae.tmp"
         vae.save_pretrained(tmp)
         os.replace(tmp, vae_dir)
-    from diffusers import AutoencoderKL
-
     vae = AutoencoderKL.from_pretrained(vae_dir)
+
+    # Generated images reach the world through the VAE decoder: the evaluator learns from renders and their
+    # reconstructions alike (same labels), so it reads what the model can draw.
+    recon_path = work / "recon_full.npz"
+    if not recon_path.exists():
+        tmp = recon_path.with_suffix(".tmp.npz")
+        np.savez(tmp, full=reconstruct(vae, full_images, device), test=reconstruct(vae, test_images, device))
+        os.replace(tmp, recon_path)
+    recon = np.load(recon_path)
+
+    eval_path = work / "evaluator.safetensors"
+    if not eval_path.exists():
+        images = np.concatenate([full_images, recon["full"]])
+        net = train_evaluator(images, full_scenes + full_scenes, args.evaluator_steps, device, args.seed)
+        atomic_save(net.state_dict(), eval_path)
+    evaluator = Evaluator.load(eval_path, device)
+    acc = {
+        "renders": evaluator.accuracy(test_images, test_scenes),
+        "vae_reconstructions": evaluator.accuracy(recon["test"], test_scenes),
+    }
+    for name, value in acc.items():
+        log(f"evaluator accuracy on 5000 fresh {name}: {json.dumps({k: round(v, 4) for k, v in value.items()})}")
+    atomic_json(acc, work / "evaluator_accuracy.json")
+
     lat_path = work / "latents.safetensors"
     if not lat_path.exists():
         latents = encode(vae, base_images, device)
@@ -345,13 +373,6 @@ def main() -> None:
     saved = load_file(str(lat_path))
     vae.register_to_config(scaling_factor=float(saved["scale"]))
     log(f"latents {tuple(saved['latents'].shape)}, scaling factor {float(saved['scale']):.4f}")
-    with torch.no_grad():
-        recon = vae.decode(saved["latents"][:512]).sample
-    recon = ((recon.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
-    log(
-        "evaluator on VAE reconstructions: "
-        + json.dumps({k: round(v, 4) for k, v in evaluator.accuracy(recon, base_scenes[:512]).items()})
-    )
 
     pipe, best = train_denoiser(args, saved["latents"], base_scenes, vae, evaluator, work, device)
     out = Path(args.output_dir)

@@ -65,7 +65,7 @@ def build_vae() -> AutoencoderKL:
         out_channels=3,
         down_block_types=("DownEncoderBlock2D",) * 3,
         up_block_types=("UpDecoderBlock2D",) * 3,
-        block_out_channels=(24, 48, 64),
+        block_out_channels=(32, 64, 64),
         layers_per_block=1,
         latent_channels=LATENT_CHANNELS,
         norm_num_groups=8,

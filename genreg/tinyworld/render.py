@@ -61,13 +61,14 @@ def _pattern_mask(pattern: str, dx: np.ndarray, dy: np.ndarray) -> np.ndarray:
     """Where the pattern's darker marks fall; (dx, dy) are offsets from the object's centre in output pixels."""
     if pattern == "solid":
         return np.zeros(dx.shape, bool)
+    # Marks are 4 px or more across: the VAE's 16x16 latent (one latent pixel per 4x4 block) can carry them.
     if pattern == "striped":
-        return np.floor(dy / 3.0 + 0.5) % 2 == 1
+        return np.floor(dy / 4.0 + 0.5) % 2 == 1
     if pattern == "dotted":
-        gx, gy = dx - 5.0 * np.round(dx / 5.0), dy - 5.0 * np.round(dy / 5.0)
-        return gx**2 + gy**2 <= 1.5**2
+        gx, gy = dx - 6.0 * np.round(dx / 6.0), dy - 6.0 * np.round(dy / 6.0)
+        return gx**2 + gy**2 <= 2.0**2
     if pattern == "checkered":
-        return (np.floor(dx / 3.0 + 0.5) + np.floor(dy / 3.0 + 0.5)) % 2 == 1
+        return (np.floor(dx / 4.0 + 0.5) + np.floor(dy / 4.0 + 0.5)) % 2 == 1
     raise ValueError(f"unknown pattern {pattern!r}")
 
 
@@ -82,23 +83,28 @@ def render(scene: Scene, image_size: int = IMAGE_SIZE) -> tuple[Image.Image, np.
     for obj in scene.objects:
         cx, cy = (c * scale + s / 2 for c in CENTERS[obj.position])
         body = _shape_mask(obj.shape, cx, cy, RADII[obj.size] * scale, big)
-        masks.append(body)
-        # Work inside the object's bounding box only: patterns and outlines are local.
+        # Work inside the object's bounding box (grown by the outline) only: patterns and outlines are local.
+        pad = int(round(1.5 * scale))
         ys, xs = np.nonzero(body)
-        box = np.s_[ys.min() : ys.max() + 1, xs.min() : xs.max() + 1]
+        top, bottom = max(ys.min() - pad, 0), min(ys.max() + pad + 1, big)
+        left, right = max(xs.min() - pad, 0), min(xs.max() + pad + 1, big)
+        box = np.s_[top:bottom, left:right]
         inside, patch = body[box], canvas[box]
+        mask = body.copy()
+        if obj.outline == "outlined":
+            # A ring just outside the body, so the object keeps its colour however small it is.
+            ring = np.asarray(
+                Image.fromarray(inside.astype(np.uint8) * 255).filter(ImageFilter.MaxFilter(2 * pad + 1))
+            )
+            ring = (ring > 127) & ~inside
+            patch[ring] = OUTLINE_RGB
+            mask[box] |= ring
+        masks.append(mask)
         color = np.array(COLORS[obj.color], np.float32)
         patch[inside] = color
         y, x = np.mgrid[box].astype(np.float32)
         marks = inside & _pattern_mask(obj.pattern, (x - cx) / scale, (y - cy) / scale)
         patch[marks] = color * PATTERN_SHADE
-        if obj.outline == "outlined":
-            width = 2 * int(round(1.2 * scale)) + 1
-            padded = np.pad(inside, width).astype(np.uint8) * 255
-            eroded = np.asarray(Image.fromarray(padded).filter(ImageFilter.MinFilter(width)))[
-                width:-width, width:-width
-            ]
-            patch[inside & (eroded < 128)] = OUTLINE_RGB
     small = canvas.reshape(image_size, s, image_size, s, 3).mean(axis=(1, 3))
     image = Image.fromarray(np.clip(small + 0.5, 0, 255).astype(np.uint8), "RGB")
     mask_arr = np.stack([m.reshape(image_size, s, image_size, s).mean(axis=(1, 3)) > 0.5 for m in masks])

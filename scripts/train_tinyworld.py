@@ -80,7 +80,7 @@ def make_pool(path: Path, n: int, seed: int, holdout: bool, processes: int) -> t
         np.savez(tmp, images=images, scenes=np.array([json.dumps(s.to_dict()) for s in scenes]))
         os.replace(tmp, path)
     data = np.load(path)
-    return data["images"], [Scene.from_dict(json.loads(s)) for s in data["scenes"]]
+    return data["images"][:n], [Scene.from_dict(json.loads(s)) for s in data["scenes"][:n]]
 
 
 def to_float(images: np.ndarray) -> torch.Tensor:
@@ -228,7 +228,8 @@ def train_denoiser(args, latents: torch.Tensor, scenes: list[Scene], vae, evalua
     rng = random.Random(args.seed + step)
     alphas = scheduler.alphas_cumprod.to(device)
     snr = alphas / (1 - alphas)
-    prompts = eval_prompts(140, 60, seed=12345)
+    n_single = int(round(0.7 * args.eval_prompts))
+    prompts = eval_prompts(n_single, args.eval_prompts - n_single, seed=12345)
 
     def lr_at(s: int) -> float:
         warm = 200
@@ -310,8 +311,9 @@ def main() -> None:
     p.add_argument("--work_dir", default="runs/tinyworld", help="intermediate files and checkpoints (resumable)")
     p.add_argument("--output_dir", default="genreg/tinyworld/model", help="where the diffusers model is written")
     p.add_argument("--evaluator_out", default="genreg/tinyworld/evaluator.safetensors")
-    p.add_argument("--base_pool", type=int, default=60000, help="training scenes without held-out values")
+    p.add_argument("--base_pool", type=int, default=30000, help="training scenes without held-out values")
     p.add_argument("--full_pool", type=int, default=30000, help="scenes over every value (evaluator, VAE)")
+    p.add_argument("--test_pool", type=int, default=5000, help="fresh scenes the evaluator is measured on")
     p.add_argument("--evaluator_steps", type=int, default=2500)
     p.add_argument("--vae_steps", type=int, default=2000)
     p.add_argument("--unet_steps", type=int, default=4500)
@@ -319,6 +321,7 @@ def main() -> None:
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--ema_decay", type=float, default=0.999)
     p.add_argument("--eval_every", type=int, default=1000)
+    p.add_argument("--eval_prompts", type=int, default=200, help="prompts sampled at each evaluation (70% single)")
     p.add_argument("--checkpointing_steps", type=int, default=250)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--processes", type=int, default=2, help="render workers")
@@ -332,7 +335,7 @@ def main() -> None:
 
     base_images, base_scenes = make_pool(work / "pool_base.npz", args.base_pool, args.seed, True, args.processes)
     full_images, full_scenes = make_pool(work / "pool_full.npz", args.full_pool, args.seed + 1, False, args.processes)
-    test_images, test_scenes = make_pool(work / "pool_test.npz", 5000, args.seed + 2, False, args.processes)
+    test_images, test_scenes = make_pool(work / "pool_test.npz", args.test_pool, args.seed + 2, False, args.processes)
 
     vae_dir = work / "vae"
     if not (vae_dir / "config.json").exists():
@@ -362,7 +365,8 @@ def main() -> None:
         "vae_reconstructions": evaluator.accuracy(recon["test"], test_scenes),
     }
     for name, value in acc.items():
-        log(f"evaluator accuracy on 5000 fresh {name}: {json.dumps({k: round(v, 4) for k, v in value.items()})}")
+        rounded = {k: round(v, 4) for k, v in value.items()}
+        log(f"evaluator accuracy on {args.test_pool} fresh {name}: {json.dumps(rounded)}")
     atomic_json(acc, work / "evaluator_accuracy.json")
 
     lat_path = work / "latents.safetensors"

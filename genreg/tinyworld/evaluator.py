@@ -76,7 +76,7 @@ def to_tensor(images) -> torch.Tensor:
         if isinstance(images, Image.Image):
             images = [images]
         arr = np.stack([np.asarray(im.convert("RGB")) for im in images]) if isinstance(images, list) else images
-        x = torch.from_numpy(np.asarray(arr)).permute(0, 3, 1, 2).float() / 255
+        x = torch.from_numpy(np.array(arr, dtype=np.uint8)).permute(0, 3, 1, 2).float() / 255
     if x.ndim != 4 or x.shape[1] != 3:
         raise ValueError(f"expected RGB images of shape (B, 3, H, W), got {tuple(x.shape)}")
     if x.shape[-2:] != (IMAGE_SIZE, IMAGE_SIZE):

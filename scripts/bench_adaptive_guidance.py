@@ -113,7 +113,7 @@ def main() -> None:
 
     def run(name: str, policy: Guidance, steps: int = args.steps, scale: float = args.guidance_scale) -> dict:
         images, nfe, seconds = generate(pipe, policy, prompts, seeds, steps, scale, args.batch_size)
-        score = evaluator.score(list(images), all_prompts)
+        score = evaluator.score(images, all_prompts)
         row = {
             "name": name,
             "steps": steps,
@@ -140,10 +140,10 @@ def main() -> None:
     rows.append(run("LinearAG", LinearAG(coefficients, linear_until=args.linear_until)))
     rows.append(run("conditional only (guidance 1)", Conditional()))
 
-    ref_emb = evaluator.embed(list(cfg["images"]))
+    ref_emb = evaluator.embed(cfg["images"])
     table = []
     for row in rows:
-        emb = evaluator.embed(list(row["images"]))
+        emb = evaluator.embed(row["images"])
         table.append(
             {
                 "row": row["name"],

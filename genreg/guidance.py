@@ -31,6 +31,7 @@ from typing import Protocol
 
 import torch
 from diffusers.hooks import HookRegistry, ModelHook
+from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
 
 SPACES = ("epsilon", "x0", "v")
 
@@ -340,7 +341,6 @@ class GuidanceHook(ModelHook):
         self.policy, self.scheduler, self.batch = policy, scheduler, batch_size
         self.index = 0
         self.nfe = torch.zeros(batch_size, dtype=torch.long)
-        policy.reset(batch_size, 0)
 
     def new_forward(self, module, sample, timestep, *args, **kwargs):
         forward = self.fn_ref.original_forward
@@ -376,11 +376,7 @@ class GuidanceHook(ModelHook):
         full = torch.cat([self.policy.uncond(step, cond, uncond, mask).to(out.dtype), cond])
         self.nfe += 1 + mask.long()
         self.index += 1
-        if not return_dict:
-            return (full,)
-        from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
-
-        return UNet2DConditionOutput(sample=full)
+        return UNet2DConditionOutput(sample=full) if return_dict else (full,)
 
 
 @contextmanager

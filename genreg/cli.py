@@ -6,6 +6,8 @@ import argparse
 import sys
 import time
 
+from .config import add_arguments, given
+
 DTYPES = ("float32", "float16", "bfloat16")
 SPACES = ("x0", "epsilon", "v")
 
@@ -69,6 +71,50 @@ def _evaluate(args: argparse.Namespace) -> None:
     print(" ".join(f"{k}={v:.3f}" for k, v in scores.items() if k != "n"))
 
 
+def _train(args: argparse.Namespace) -> None:
+    from .registry import run_trainer
+
+    print(f"wrote {run_trainer(args.method, args)}")
+
+
+def _edit(args: argparse.Namespace) -> None:
+    import torch
+
+    from .checks import require_positive_int
+    from .io import save_image
+    from .methods.guide_and_rescale import GuideAndRescaleConfig, check_prompts, edit
+    from .models import load_pipeline
+
+    check_prompts(args.source, args.target)
+    require_positive_int("--steps", args.steps)
+    require_positive_int("--display-scale", args.display_scale)
+    changes = given(GuideAndRescaleConfig, args)
+    GuideAndRescaleConfig.preset(args.preset, **changes)  # refuse bad settings before loading a model
+    dtype = getattr(torch, args.dtype) if args.dtype else None
+    pipe = load_pipeline(args.model, device=args.device, dtype=dtype)
+    pipe.set_progress_bar_config(disable=not args.progress)
+    start = time.perf_counter()
+    out = edit(
+        pipe, args.image, args.source, args.target, preset=args.preset, num_inference_steps=args.steps, **changes
+    )
+    seconds = time.perf_counter() - start
+    image = out.images[0]
+    if args.display_scale > 1:
+        image = image.resize((image.width * args.display_scale, image.height * args.display_scale), 0)
+    path = save_image(image, args.out)
+    print(f"wrote {path} (Guide-and-Rescale, preset {args.preset}, {args.steps} steps, {seconds:.1f}s)")
+
+
+def _ui(args: argparse.Namespace) -> None:
+    import torch
+
+    # The command sits above every layer, so it may start the app; the library itself never imports genreg.ui.
+    from genreg.ui import launch
+
+    dtype = getattr(torch, args.dtype) if args.dtype else None
+    launch(args.model, host=args.host, port=args.port, device=args.device, dtype=dtype, runs_dir=args.runs_dir)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="genreg", description="Editing, personalization, fine-tuning and unlearning for diffusion models."
@@ -98,10 +144,51 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--dtype", choices=DTYPES, default=None, help="default: float16 on GPU, float32 on CPU")
     gen.set_defaults(func=_generate)
 
+    ed = sub.add_parser(
+        "edit", help="edit a real image with Guide-and-Rescale: describe it (--source) and the edit (--target)"
+    )
+    ed.add_argument("image", metavar="IMAGE", help="the image to edit (PNG, JPEG, WebP)")
+    ed.add_argument("--source", required=True, help="a prompt describing the image as it is")
+    ed.add_argument("--target", required=True, help="the same prompt, changed to describe the edited image")
+    ed.add_argument("--out", default="genreg_edit.png", help="where the edited image is written")
+    ed.add_argument("--preset", choices=("local", "style"), default="local", help="object edits or stylisation")
+    ed.add_argument("--steps", type=int, default=50, help="DDIM steps (inversion and editing)")
+    ed.add_argument(
+        "--model", default="tinyworld", help="'tinyworld' (bundled), a diffusers directory, or a cached hub id"
+    )
+    ed.add_argument("--device", default=None, help="cuda, cpu, ... (default: cuda when available)")
+    ed.add_argument("--dtype", choices=DTYPES, default=None, help="default: float16 on GPU, float32 on CPU")
+    ed.add_argument("--display-scale", type=int, default=1, help="enlarge the output by this factor (nearest pixel)")
+    ed.add_argument("--progress", action="store_true", help="show a progress bar")
+    from .methods.guide_and_rescale import GuideAndRescaleConfig
+
+    add_arguments(ed, GuideAndRescaleConfig, dashes=True, unset_is_none=True)  # unset: the preset's value
+    ed.set_defaults(func=_edit)
+
     ev = sub.add_parser("evaluate", help="read tiny-world images with the evaluator and score them against prompts")
     ev.add_argument("images", nargs="+", metavar="IMAGE")
     ev.add_argument("--prompt", action="append", required=True, help="the prompt; once, or once per image")
     ev.set_defaults(func=_evaluate)
+
+    from .registry import TRAINERS, add_trainer_arguments
+
+    train = sub.add_parser("train", help="train a method (personalization, fine-tuning, ...)")
+    methods = train.add_subparsers(dest="method", required=True)
+    for name, trainer in TRAINERS.items():
+        method = methods.add_parser(name, help=trainer.help, description=trainer.help)
+        add_trainer_arguments(method, name)
+        method.set_defaults(func=_train)
+
+    app = sub.add_parser("ui", help="start the web app (Generate, Edit, Personalize) and print its address")
+    app.add_argument(
+        "--model", default="tinyworld", help="'tinyworld' (bundled), a diffusers directory, or a cached hub id"
+    )
+    app.add_argument("--host", default="127.0.0.1", help="address to bind (default: this machine only)")
+    app.add_argument("--port", type=int, default=7860, help="port to serve on")
+    app.add_argument("--runs-dir", default="genreg-runs", help="where training runs started in the app are kept")
+    app.add_argument("--device", default=None, help="cuda, cpu, ... (default: cuda when available)")
+    app.add_argument("--dtype", choices=DTYPES, default=None, help="default: float16 on GPU, float32 on CPU")
+    app.set_defaults(func=_ui)
     return parser
 
 

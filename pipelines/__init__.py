@@ -6,10 +6,20 @@ from .adaptive_guidance import (
     AdaptiveGuidancePipelineOutput,
     AdaptiveGuidanceXLPipeline,
 )
+from .guide_and_rescale import (
+    GuideAndRescaleMixin,
+    GuideAndRescalePipeline,
+    GuideAndRescalePipelineOutput,
+    GuideAndRescaleXLPipeline,
+)
 
 __all__ = [
     "AdaptiveGuidanceMixin",
     "AdaptiveGuidancePipeline",
     "AdaptiveGuidancePipelineOutput",
     "AdaptiveGuidanceXLPipeline",
+    "GuideAndRescaleMixin",
+    "GuideAndRescalePipeline",
+    "GuideAndRescalePipelineOutput",
+    "GuideAndRescaleXLPipeline",
 ]

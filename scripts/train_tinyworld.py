@@ -7,8 +7,9 @@ Stages (each resumes from what the previous run left in --work_dir):
   2. VAE: AutoencoderKL 64x64x3 <-> 16x16x4             -> vae/
   3. evaluator: slot-wise attribute classifier, on renders and their VAE reconstructions -> evaluator.safetensors
   4. encode the base pool once through the VAE          -> latents.safetensors
-  5. UNet + CLIP text encoder, epsilon objective with min-SNR weighting, EMA weights; every --eval_every steps
-     the EMA model samples prompts (25 DDIM steps, guidance 5) and the evaluator scores them; the best is kept.
+  5. UNet + CLIP text encoder, v-prediction (or epsilon) objective with min-SNR weighting, EMA weights; every
+     --eval_every steps the EMA model samples prompts (25 DDIM steps, guidance 5), the evaluator scores them, and
+     the best is kept.
   6. the best EMA model is written as a diffusers StableDiffusionPipeline (safetensors) to --output_dir.
 """
 
@@ -211,7 +212,7 @@ def load_optimizer_state(opt: torch.optim.Optimizer, flat: dict[str, torch.Tenso
 def train_denoiser(args, latents: torch.Tensor, scenes: list[Scene], vae, evaluator: Evaluator, work: Path, device):
     tokenizer = build_tokenizer()
     unet, text_encoder = build_unet(), build_text_encoder(len(tokenizer))
-    scheduler = build_scheduler()
+    scheduler = build_scheduler(args.prediction_type)
     models = torch.nn.ModuleDict({"unet": unet, "text_encoder": text_encoder}).to(device)
     ema = {k: v.detach().clone() for k, v in models.state_dict().items()}
     opt = torch.optim.AdamW(models.parameters(), lr=args.lr, weight_decay=1e-2)
@@ -266,8 +267,12 @@ def train_denoiser(args, latents: torch.Tensor, scenes: list[Scene], vae, evalua
         xt = scheduler.add_noise(x0, noise, t)
         cond = text_encoder(ids.to(device))[0]
         pred = unet(xt, t, cond).sample
-        weight = snr[t].clamp(max=5.0) / snr[t]  # min-SNR-5 weighting (Hang et al. 2023) for epsilon prediction
-        loss = (weight * (pred - noise).pow(2).mean(dim=(1, 2, 3))).mean()
+        # min-SNR-5 weighting (Hang et al. 2023), expressed for the epsilon or v target
+        if args.prediction_type == "epsilon":
+            target, weight = noise, snr[t].clamp(max=5.0) / snr[t]
+        else:
+            target, weight = scheduler.get_velocity(x0, noise, t), snr[t].clamp(max=5.0) / (snr[t] + 1)
+        loss = (weight * (pred - target).pow(2).mean(dim=(1, 2, 3))).mean()
         for group in opt.param_groups:
             group["lr"] = lr_at(step)
         opt.zero_grad(set_to_none=True)
@@ -316,9 +321,10 @@ def main() -> None:
     p.add_argument("--test_pool", type=int, default=5000, help="fresh scenes the evaluator is measured on")
     p.add_argument("--evaluator_steps", type=int, default=2500)
     p.add_argument("--vae_steps", type=int, default=2000)
-    p.add_argument("--unet_steps", type=int, default=4500)
+    p.add_argument("--unet_steps", type=int, default=7000)
     p.add_argument("--batch_size", type=int, default=64)
     p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--prediction_type", choices=("v_prediction", "epsilon"), default="v_prediction")
     p.add_argument("--ema_decay", type=float, default=0.999)
     p.add_argument("--eval_every", type=int, default=1000)
     p.add_argument("--eval_prompts", type=int, default=200, help="prompts sampled at each evaluation (70% single)")

@@ -1,0 +1,226 @@
+"""Learned token embeddings: placeholder tokens, their trainable rows, the shared trainer, and the saved file.
+
+A placeholder of N vectors is N new tokens named as diffusers names them (``<tok>``, ``<tok>_1``, ...), so the
+saved ``learned_embeds.safetensors`` (``{"<tok>": tensor[N, d]}``) loads with ``pipe.load_textual_inversion`` and
+prompts may say ``<tok>`` alone. Only the placeholder rows are trained: they live in a separate parameter that a
+forward hook substitutes into the token-embedding output, so every other row of the table is untouched by
+construction (it is not even seen by the optimizer).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from ..config import option
+from ..diffusion import diffusion_target, encode_latents, noise_and_timesteps
+from ..training import ImageFolder, TrainConfig, fit, process_state, sample_rng
+from ..training.data import TEMPLATES
+
+EMBEDS_FILE = "learned_embeds.safetensors"
+INIT_FILE = "initial_embeds.safetensors"  # v^0, kept beside the result to show how far training moved it
+
+
+def placeholder_names(token: str, num_vectors: int) -> list[str]:
+    return [token] + [f"{token}_{i}" for i in range(1, num_vectors)]
+
+
+def add_placeholder(tokenizer, text_encoder, token: str, num_vectors: int) -> list[int]:
+    """Adds the placeholder's tokens and embedding rows; returns their ids."""
+    if not token or any(c.isspace() for c in token):
+        raise ValueError(f"placeholder token {token!r} must be one word without spaces, e.g. '<my-subject>'")
+    if num_vectors < 1:
+        raise ValueError(f"num_vectors must be at least 1, got {num_vectors}")
+    names = placeholder_names(token, num_vectors)
+    vocab = tokenizer.get_vocab()
+    taken = [n for n in names if n in vocab or n.lower() in vocab or f"{n.lower()}</w>" in vocab]
+    if taken:
+        raise ValueError(
+            f"placeholder {taken[0]!r} is already in the tokenizer's vocabulary: choose a new token, "
+            f"e.g. '<{token.strip('<>')}-v2>'"
+        )
+    tokenizer.add_tokens(names)
+    ids = tokenizer.convert_tokens_to_ids(names)
+    text_encoder.resize_token_embeddings(len(tokenizer))
+    return ids
+
+
+def prompt_with(template: str, token: str, num_vectors: int) -> str:
+    """Fills ``{}`` with the placeholder spelt out as all its tokens (what ``maybe_convert_prompt`` does)."""
+    return template.format(" ".join(placeholder_names(token, num_vectors)))
+
+
+class PlaceholderVectors(nn.Module):
+    """The placeholder rows as one trainable (N, d) parameter, substituted into the token-embedding output."""
+
+    def __init__(self, text_encoder, ids: list[int], init: torch.Tensor):
+        super().__init__()
+        self.vectors = nn.Parameter(init.detach().clone().float())
+        self.register_buffer("ids", torch.tensor(ids), persistent=False)
+        self._handle = text_encoder.get_input_embeddings().register_forward_hook(self._substitute)
+
+    def _substitute(self, module, args, output):
+        onehot = args[0].unsqueeze(-1) == self.ids.to(args[0].device)  # (B, L, N)
+        hit = onehot.any(-1, keepdim=True)
+        if not hit.any():
+            return output
+        rows = onehot.to(output.dtype) @ self.vectors.to(output.dtype)
+        return torch.where(hit, rows, output)
+
+    def write_and_detach(self, text_encoder) -> None:
+        """Writes the vectors into the embedding table and removes the hook (the model then works on its own)."""
+        self._handle.remove()
+        with torch.no_grad():
+            text_encoder.get_input_embeddings().weight[self.ids] = self.vectors.to(text_encoder.dtype)
+
+
+def save_learned_embeds(path: str | Path, token: str, vectors: torch.Tensor) -> Path:
+    """``{token: tensor[N, d]}`` in safetensors, the format ``load_textual_inversion`` reads; written atomically."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    save_file({token: vectors.detach().float().cpu().contiguous()}, str(tmp), metadata={"format": "pt"})
+    tmp.replace(path)
+    return path
+
+
+def load_learned_embeds(path: str | Path) -> tuple[str, torch.Tensor]:
+    """(token, (N, d) vectors) from a single-token embeddings file."""
+    tensors = load_file(str(path))
+    if len(tensors) != 1:
+        raise ValueError(f"{path} holds {len(tensors)} tensors; an embeddings file holds one (token -> vectors)")
+    ((token, vectors),) = tensors.items()
+    return token, vectors if vectors.ndim == 2 else vectors[None]
+
+
+def encoder_outputs(text_encoder, tokenizer, placeholder: PlaceholderVectors, rows: torch.Tensor) -> torch.Tensor:
+    """E([BOS, r_1..r_N, EOS, ...])[1..N]: the text encoder's output at the positions holding input rows ``rows``."""
+    saved = placeholder.vectors.detach().clone()
+    names = tokenizer.convert_ids_to_tokens(placeholder.ids.tolist())
+    ids = tokenizer(" ".join(names), padding="max_length", max_length=tokenizer.model_max_length, return_tensors="pt")
+    with torch.no_grad():
+        placeholder.vectors.copy_(rows)
+        hidden = text_encoder(ids.input_ids.to(text_encoder.device))[0][0, 1 : 1 + len(rows)].float()
+        placeholder.vectors.copy_(saved)
+    return hidden.cpu()
+
+
+class EmbeddingObjective(nn.Module):
+    """L = ||target - net(z_t, t, E(y))||^2 + lambda * mean_k ||v_k - v_k^0||_2 (Cross Init Sec. 3; lambda = 0: TI)."""
+
+    def __init__(self, pipe, placeholder: PlaceholderVectors, reg_weight: float = 0.0):
+        super().__init__()
+        self.unet, self.vae, self.text_encoder = pipe.unet, pipe.vae, pipe.text_encoder
+        for module in (self.unet, self.vae, self.text_encoder):
+            module.requires_grad_(False)
+        self.scheduler = pipe.scheduler
+        self.placeholder = placeholder
+        self.register_buffer("init", placeholder.vectors.detach().clone())
+        self.reg_weight = reg_weight
+
+    def forward(self, batch: dict) -> torch.Tensor:
+        with torch.no_grad():
+            x0 = encode_latents(self.vae, batch["pixel_values"]).to(self.unet.dtype)
+        noise, t = noise_and_timesteps(
+            batch["seed"], x0.shape[1:], self.scheduler.config.num_train_timesteps, x0.device, x0.dtype
+        )
+        cond = self.text_encoder(batch["input_ids"])[0].to(self.unet.dtype)
+        pred = self.unet(self.scheduler.add_noise(x0, noise, t), t, cond).sample
+        loss = F.mse_loss(pred.float(), diffusion_target(self.scheduler, x0, noise, t).float())
+        if self.reg_weight:
+            loss = loss + self.reg_weight * (self.placeholder.vectors - self.init).norm(dim=-1).mean()
+        return loss
+
+
+@dataclass
+class EmbeddingConfig:
+    """What an embedding trainer needs besides the shared training settings."""
+
+    train_data_dir: str = option("", "folder of subject images (captions in metadata.jsonl may use {} for the token)")
+    placeholder_token: str = option("<subject>", "the new token that names the subject in prompts")
+    num_vectors: int = option(2, "embedding vectors behind the placeholder")
+    learnable_property: str = option(
+        "object", "prompt templates when images have no captions", choices=("object", "style")
+    )
+    resolution: int = option(0, "training resolution (0 = the model's native size)")
+    center_crop: bool = option(True, "crop to a centred square (else squash)")
+    flip_p: float = option(0.5, "probability of a horizontal flip (use 0 when captions name left/right)")
+    validation_prompt: str | None = option(None, "a prompt with {} for the token, sampled every --validation_steps")
+
+    def __post_init__(self):
+        if not self.train_data_dir:
+            raise ValueError("train_data_dir is empty: pass the folder of subject images")
+        if self.num_vectors < 1:
+            raise ValueError(f"num_vectors must be at least 1, got {self.num_vectors}")
+        if self.learnable_property not in TEMPLATES:
+            raise ValueError(f"learnable_property must be one of {', '.join(TEMPLATES)}")
+
+
+def train_embedding(
+    pipe,
+    config: EmbeddingConfig,
+    train: TrainConfig,
+    init: Callable[[PlaceholderVectors], torch.Tensor],
+    reg_weight: float = 0.0,
+    **fit_kwargs,
+) -> Path:
+    """Adds ``config.placeholder_token`` to ``pipe``, trains its vectors from ``init(placeholder)``, saves them.
+
+    Returns the path of ``learned_embeds.safetensors`` in ``train.output_dir``; each ``checkpoint-N/`` holds one
+    too, and ``initial_embeds.safetensors`` keeps the initial vectors. On return ``pipe`` generates with the token.
+    """
+    if getattr(pipe, "text_encoder_2", None) is not None:
+        raise ValueError("embedding training supports pipelines with one text encoder (SD 1.x/2.x), not SDXL yet")
+    size = config.resolution or pipe.unet.config.sample_size * pipe.vae_scale_factor
+    data = ImageFolder(config.train_data_dir, size, config.center_crop, config.flip_p, config.learnable_property)
+    tokenizer, text_encoder = pipe.tokenizer, pipe.text_encoder
+    ids = add_placeholder(tokenizer, text_encoder, config.placeholder_token, config.num_vectors)
+    placeholder = PlaceholderVectors(text_encoder, ids, text_encoder.get_input_embeddings().weight[ids])
+    with torch.no_grad():
+        placeholder.vectors.copy_(init(placeholder))
+    objective = EmbeddingObjective(pipe, placeholder, reg_weight).to(pipe.device)
+    token = config.placeholder_token
+    if process_state().is_main_process:
+        Path(train.output_dir).mkdir(parents=True, exist_ok=True)
+        save_learned_embeds(Path(train.output_dir) / INIT_FILE, token, placeholder.vectors)
+
+    def sample(step: int, index: int) -> dict:
+        rng = sample_rng(train.seed, step, index)
+        example = data.example(rng, " ".join(placeholder_names(token, config.num_vectors)))
+        input_ids = tokenizer(
+            example["prompt"], padding="max_length", max_length=tokenizer.model_max_length, truncation=True
+        ).input_ids
+        return {
+            "pixel_values": example["pixel_values"],
+            "input_ids": torch.tensor(input_ids),
+            "seed": int(rng.integers(2**62)),
+        }
+
+    def export(core: EmbeddingObjective, directory: Path) -> None:
+        save_learned_embeds(directory / EMBEDS_FILE, token, core.placeholder.vectors)
+
+    def validate(core: EmbeddingObjective, step: int) -> None:
+        from ..io import image_grid, save_image
+
+        prompt = prompt_with(config.validation_prompt, token, config.num_vectors)
+        images = pipe([prompt] * 4, num_inference_steps=25, generator=torch.Generator().manual_seed(train.seed)).images
+        save_image(image_grid(images), Path(train.output_dir) / "validation" / f"step-{step}.png")
+
+    fit(
+        objective,
+        sample,
+        train,
+        export=export,
+        validate=validate if config.validation_prompt else None,
+        **fit_kwargs,
+    )
+    placeholder.write_and_detach(text_encoder)
+    path = Path(train.output_dir) / EMBEDS_FILE
+    if process_state().is_main_process:
+        save_learned_embeds(path, token, placeholder.vectors)
+    return path

@@ -1,0 +1,40 @@
+"""Textual Inversion (Gal et al. 2022, Eq. 2), the baseline: v* = argmin_v E ||eps - eps(z_t, t, E(y(v)))||^2."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..config import option
+from ..training import TrainConfig
+from .embeddings import EmbeddingConfig, PlaceholderVectors, train_embedding
+
+
+@dataclass
+class TextualInversionConfig(EmbeddingConfig):
+    initializer_token: str = option("object", "a single-token word whose embedding every vector starts from")
+
+
+def single_token_id(tokenizer, word: str) -> int:
+    ids = tokenizer(word, add_special_tokens=False).input_ids
+    if len(ids) != 1:
+        raise ValueError(f"{word!r} is {len(ids)} tokens for this tokenizer; the initializer must be a single token")
+    return ids[0]
+
+
+def initializer_vectors(text_encoder, tokenizer, word: str, num_vectors: int) -> torch.Tensor:
+    """Every vector starts as the input embedding of ``word`` (diffusers' textual inversion)."""
+    row = text_encoder.get_input_embeddings().weight[single_token_id(tokenizer, word)]
+    return row.detach().float().cpu().expand(num_vectors, -1).clone()
+
+
+def train_textual_inversion(pipe, config: TextualInversionConfig, train: TrainConfig, **fit_kwargs) -> Path:
+    """Trains a textual-inversion embedding on ``pipe``; returns the ``learned_embeds.safetensors`` path."""
+    single_token_id(pipe.tokenizer, config.initializer_token)  # fail before any work
+
+    def init(placeholder: PlaceholderVectors) -> torch.Tensor:
+        return initializer_vectors(pipe.text_encoder, pipe.tokenizer, config.initializer_token, config.num_vectors)
+
+    return train_embedding(pipe, config, train, init, reg_weight=0.0, **fit_kwargs)

@@ -1,0 +1,106 @@
+"""Training checkpoints: ``checkpoint-N/`` directories written atomically, in safetensors and JSON only.
+
+A checkpoint holds the trainable tensors, the optimizer's state and the step. Nothing is pickled, so loading a
+checkpoint never runs code from the file. The data order and the noise are pure functions of (seed, step, sample),
+so the step alone restores them: resuming continues exactly where the run stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+_NAME = re.compile(r"^checkpoint-(\d+)$")
+
+
+def list_checkpoints(output_dir: str | Path) -> list[Path]:
+    """Complete checkpoints in ``output_dir``, oldest first."""
+    root = Path(output_dir)
+    if not root.is_dir():
+        return []
+    found = [
+        (int(m.group(1)), p) for p in root.iterdir() if (m := _NAME.match(p.name)) and (p / "state.json").is_file()
+    ]
+    return [p for _, p in sorted(found)]
+
+
+def resolve_checkpoint(spec: str | None, output_dir: str | Path) -> Path | None:
+    """``"latest"`` -> the newest complete checkpoint in ``output_dir`` (None if there is none); a path -> itself."""
+    if not spec:
+        return None
+    if spec == "latest":
+        found = list_checkpoints(output_dir)
+        return found[-1] if found else None
+    path = Path(spec)
+    if not path.is_absolute() and not path.exists():
+        path = Path(output_dir) / spec
+    if not (path / "state.json").is_file():
+        raise FileNotFoundError(f"no checkpoint at {spec!r}: pass 'latest' or a checkpoint-N directory")
+    return path
+
+
+def _flatten_optimizer(state: dict) -> tuple[dict[str, torch.Tensor], dict]:
+    tensors = {}
+    for index, per_param in state["state"].items():
+        for key, value in per_param.items():
+            tensors[f"{index}.{key}"] = value if torch.is_tensor(value) else torch.tensor(value)
+    return tensors, {"param_groups": state["param_groups"]}
+
+
+def _unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
+    state: dict[int, dict] = {}
+    for name, value in tensors.items():
+        index, key = name.split(".", 1)
+        state.setdefault(int(index), {})[key] = value
+    return {"state": state, "param_groups": meta["param_groups"]}
+
+
+def save_checkpoint(
+    output_dir: str | Path,
+    step: int,
+    trainable: dict[str, torch.Tensor],
+    optimizer_state: dict,
+    extra: dict | None = None,
+    total_limit: int | None = None,
+    export: Callable[[Path], None] | None = None,
+) -> Path:
+    """Writes ``checkpoint-{step}`` via a temporary directory and one rename: a crash leaves the old ones intact.
+
+    ``export(directory)`` may add the method's own output files (e.g. ``learned_embeds.safetensors``) first.
+    """
+    root = Path(output_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    final, tmp = root / f"checkpoint-{step}", root / f".checkpoint-{step}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    save_file({k: v.detach().contiguous().cpu() for k, v in trainable.items()}, str(tmp / "trainable.safetensors"))
+    tensors, meta = _flatten_optimizer(optimizer_state)
+    save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, str(tmp / "optimizer.safetensors"))
+    (tmp / "optimizer.json").write_text(json.dumps(meta))
+    if export is not None:
+        export(tmp)
+    (tmp / "state.json").write_text(json.dumps({"step": step, **(extra or {})}, indent=1))
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    if total_limit is not None:
+        for old in list_checkpoints(root)[:-total_limit]:
+            shutil.rmtree(old)
+    return final
+
+
+def load_checkpoint(path: str | Path) -> tuple[int, dict[str, torch.Tensor], dict, dict]:
+    """(step, trainable tensors, optimizer state dict, the state.json contents)."""
+    path = Path(path)
+    state = json.loads((path / "state.json").read_text())
+    trainable = load_file(str(path / "trainable.safetensors"))
+    optimizer = _unflatten_optimizer(
+        load_file(str(path / "optimizer.safetensors")), json.loads((path / "optimizer.json").read_text())
+    )
+    return int(state["step"]), trainable, optimizer, state

@@ -1,0 +1,176 @@
+"""Training data: an image folder with optional captions and masks, the usual augmentations, prompt templates.
+
+A folder holds images (png, jpg, jpeg, webp, bmp). Captions, optional, come from ``metadata.jsonl`` (the datasets
+``imagefolder`` convention: ``{"file_name": ..., "text": ...}`` per line) or from a ``.txt`` beside each image; a
+caption may contain ``{}`` where the placeholder goes. Masks, optional, are ``masks/<image stem>.png``. Without
+captions, prompts come from diffusers' textual-inversion templates. Samples are drawn by :meth:`ImageFolder.example`
+as a pure function of (seed, step, index), as the training loop requires.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+
+# The prompt templates of diffusers' textual-inversion example (objects and styles).
+OBJECT_TEMPLATES = [
+    "a photo of a {}",
+    "a rendering of a {}",
+    "a cropped photo of the {}",
+    "the photo of a {}",
+    "a photo of a clean {}",
+    "a photo of a dirty {}",
+    "a dark photo of the {}",
+    "a photo of my {}",
+    "a photo of the cool {}",
+    "a close-up photo of a {}",
+    "a bright photo of the {}",
+    "a cropped photo of a {}",
+    "a photo of the {}",
+    "a good photo of the {}",
+    "a photo of one {}",
+    "a close-up photo of the {}",
+    "a rendition of the {}",
+    "a photo of the clean {}",
+    "a rendition of a {}",
+    "a photo of a nice {}",
+    "a good photo of a {}",
+    "a photo of the nice {}",
+    "a photo of the small {}",
+    "a photo of the weird {}",
+    "a photo of the large {}",
+    "a photo of a cool {}",
+    "a photo of a small {}",
+]
+STYLE_TEMPLATES = [
+    "a painting in the style of {}",
+    "a rendering in the style of {}",
+    "a cropped painting in the style of {}",
+    "the painting in the style of {}",
+    "a clean painting in the style of {}",
+    "a dirty painting in the style of {}",
+    "a dark painting in the style of {}",
+    "a picture in the style of {}",
+    "a cool painting in the style of {}",
+    "a close-up painting in the style of {}",
+    "a bright painting in the style of {}",
+    "a good painting in the style of {}",
+    "a close-up painting in the style of {}",
+    "a rendition in the style of {}",
+    "a nice painting in the style of {}",
+    "a small painting in the style of {}",
+    "a weird painting in the style of {}",
+    "a large painting in the style of {}",
+]
+TEMPLATES = {"object": OBJECT_TEMPLATES, "style": STYLE_TEMPLATES}
+
+
+def sample_rng(seed: int, step: int, index: int) -> np.random.Generator:
+    """The random stream of sample ``index`` at step ``step``: independent of batch layout and process count."""
+    return np.random.default_rng([seed, step, index])
+
+
+def _fit(image: Image.Image, size: int, center_crop: bool, resample) -> Image.Image:
+    """Resizes the shorter side to ``size`` and crops to a square (center, or the whole image squashed)."""
+    if not center_crop:
+        return image.resize((size, size), resample)
+    w, h = image.size
+    s = min(w, h)
+    box = ((w - s) // 2, (h - s) // 2, (w - s) // 2 + s, (h - s) // 2 + s)
+    return image.resize((size, size), resample, box=box)
+
+
+@dataclass
+class Item:
+    pixels: torch.Tensor  # (3, size, size) in [-1, 1]
+    caption: str | None
+    mask: torch.Tensor | None  # (1, size, size) in {0, 1}
+
+
+class ImageFolder:
+    """Images (any size or mode), with their captions and masks, loaded once and fitted to ``size``."""
+
+    def __init__(
+        self,
+        root: str | Path,
+        size: int,
+        center_crop: bool = True,
+        flip_p: float = 0.5,
+        learnable_property: str = "object",
+    ):
+        root = Path(root)
+        if not root.is_dir():
+            raise FileNotFoundError(f"training data folder {root} does not exist")
+        if learnable_property not in TEMPLATES:
+            raise ValueError(f"learnable_property must be one of {', '.join(TEMPLATES)}, got {learnable_property!r}")
+        if not 0 <= flip_p <= 1:
+            raise ValueError(f"flip_p must be in [0, 1], got {flip_p}")
+        files = sorted(p for p in root.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+        if not files:
+            raise ValueError(f"no images in {root}: put .png/.jpg/.webp files there")
+        captions = self._captions(root)
+        self.items: list[Item] = []
+        for path in files:
+            try:
+                with Image.open(path) as im:
+                    image = _fit(im.convert("RGB"), size, center_crop, Image.Resampling.BICUBIC)
+            except (UnidentifiedImageError, OSError) as err:
+                raise ValueError(f"cannot read {path} as an image ({err}); remove it or replace it") from err
+            pixels = torch.from_numpy(np.asarray(image, dtype=np.float32) / 127.5 - 1).permute(2, 0, 1)
+            mask = None
+            mask_path = root / "masks" / f"{path.stem}.png"
+            if mask_path.is_file():
+                with Image.open(mask_path) as m:
+                    fitted = _fit(m.convert("L"), size, center_crop, Image.Resampling.NEAREST)
+                mask = torch.from_numpy((np.asarray(fitted) > 127).astype(np.float32))[None]
+            caption = captions.get(path.name)
+            if caption is None and path.with_suffix(".txt").is_file():
+                caption = path.with_suffix(".txt").read_text().strip()
+            self.items.append(Item(pixels, caption, mask))
+        self.size, self.flip_p = size, flip_p
+        self.templates = TEMPLATES[learnable_property]
+
+    @staticmethod
+    def _captions(root: Path) -> dict[str, str]:
+        meta = root / "metadata.jsonl"
+        if not meta.is_file():
+            return {}
+        out = {}
+        for n, line in enumerate(meta.read_text().splitlines(), 1):
+            if line.strip():
+                try:
+                    row = json.loads(line)
+                    out[row["file_name"]] = row["text"]
+                except (json.JSONDecodeError, KeyError) as err:
+                    raise ValueError(f"{meta} line {n}: expected {{'file_name': ..., 'text': ...}} ({err})") from err
+        return out
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    @property
+    def has_masks(self) -> bool:
+        return all(item.mask is not None for item in self.items)
+
+    def example(self, rng: np.random.Generator, placeholder: str) -> dict:
+        """One augmented sample: ``pixel_values``, ``prompt`` (caption or template with ``placeholder``), ``mask``.
+
+        Flips do not rewrite captions: use ``flip_p=0`` when captions name left and right.
+        """
+        item = self.items[int(rng.integers(len(self.items)))]
+        pixels, mask = item.pixels, item.mask
+        if rng.random() < self.flip_p:
+            pixels = pixels.flip(-1)
+            mask = mask.flip(-1) if mask is not None else None
+        text = item.caption if item.caption is not None else self.templates[int(rng.integers(len(self.templates)))]
+        out = {"pixel_values": pixels, "prompt": text.format(placeholder) if "{}" in text else text}
+        if mask is not None:
+            out["mask"] = mask
+        return out

@@ -1,0 +1,233 @@
+"""One accelerate-based training loop for every genreg trainer: methods plug in a loss module and a sampler.
+
+The objective is an ``nn.Module`` whose parameters with ``requires_grad`` are what is trained and whose
+``forward(batch)`` returns the loss (EDM's loss callable). Sample ``i`` of optimizer step ``s`` is a pure function
+``sample(s, i)`` of the global index, so a run split over N processes sees the same global batch as one process,
+and a resumed run sees the same data and noise as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import importlib.util
+import logging
+import math
+import os
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator, PartialState
+from accelerate.utils import DistributedType, set_seed
+from diffusers.optimization import get_scheduler
+from torch import nn
+from torch.utils.data import default_collate
+from tqdm.auto import tqdm
+
+from ..config import option
+from .checkpoints import load_checkpoint, resolve_checkpoint, save_checkpoint
+
+logger = logging.getLogger(__name__)
+
+LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine")
+PRECISIONS = ("no", "fp16", "bf16")
+
+
+@dataclass
+class TrainConfig:
+    """Settings every trainer shares; flag names follow diffusers' example scripts."""
+
+    output_dir: str = option("genreg-output", "where checkpoints, validation images and the result are written")
+    max_train_steps: int = option(320, "optimizer steps")
+    train_batch_size: int = option(8, "samples per process per micro-batch")
+    gradient_accumulation_steps: int = option(1, "micro-batches per optimizer step")
+    learning_rate: float = option(5e-3, "peak learning rate (per sample of the global batch with --scale_lr)")
+    scale_lr: bool = option(False, "multiply the learning rate by the global batch size")
+    lr_scheduler: str = option("constant", "learning-rate schedule", choices=LR_SCHEDULERS)
+    lr_warmup_steps: int = option(0, "warm-up steps of the schedule")
+    adam_beta1: float = option(0.9, "AdamW beta1")
+    adam_beta2: float = option(0.999, "AdamW beta2")
+    adam_weight_decay: float = option(1e-2, "AdamW decoupled weight decay")
+    adam_epsilon: float = option(1e-8, "AdamW epsilon")
+    max_grad_norm: float = option(0.0, "clip the gradient norm to this (0 = no clipping)")
+    mixed_precision: str = option("no", "autocast precision ('fp16' needs a GPU)", choices=PRECISIONS)
+    checkpointing_steps: int = option(100, "write checkpoint-N/ every this many steps (0 = only at the end)")
+    checkpoints_total_limit: int | None = option(None, "keep at most this many checkpoints")
+    resume_from_checkpoint: str | None = option(None, "'latest' or a checkpoint-N directory to continue from")
+    validation_steps: int = option(0, "write validation images every this many steps (0 = never)")
+    seed: int = option(0, "seed of the data order, noise and timesteps")
+    report_to: str = option("tensorboard", "'tensorboard' (used when installed) or 'none'")
+
+    def __post_init__(self):
+        for name in ("max_train_steps", "train_batch_size", "gradient_accumulation_steps"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ValueError(f"{name} must be a positive whole number, got {getattr(self, name)!r}")
+        for name in ("checkpointing_steps", "validation_steps", "lr_warmup_steps"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)!r}")
+        if not (self.learning_rate > 0 and math.isfinite(self.learning_rate)):
+            raise ValueError(f"learning_rate must be a positive number, got {self.learning_rate!r}")
+        if self.checkpoints_total_limit is not None and self.checkpoints_total_limit < 1:
+            raise ValueError("checkpoints_total_limit must be at least 1 (or unset for no limit)")
+        if self.lr_scheduler not in LR_SCHEDULERS:
+            raise ValueError(f"lr_scheduler {self.lr_scheduler!r} unknown; choose one of {', '.join(LR_SCHEDULERS)}")
+        if self.mixed_precision not in PRECISIONS:
+            raise ValueError(f"mixed_precision must be one of {', '.join(PRECISIONS)}")
+
+
+@dataclass
+class FitResult:
+    step: int  # the last completed optimizer step
+    losses: list[float]  # mean loss of each step this call ran
+    stopped: bool  # True when ``should_stop`` ended the run early (a checkpoint was written)
+
+
+def process_state() -> PartialState:
+    """This process's place in the run. Under ``torchrun`` without a GPU, accelerate needs ``cpu=True`` to see the
+    other processes (MULTI_CPU over gloo); ``accelerate launch --cpu`` sets the same through its environment."""
+    return PartialState(cpu="LOCAL_RANK" in os.environ and not torch.cuda.is_available())
+
+
+def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {name: p for name, p in model.named_parameters() if p.requires_grad}
+
+
+def fit(
+    objective: nn.Module,
+    sample: Callable[[int, int], dict[str, Any]],
+    config: TrainConfig,
+    *,
+    after_step: Callable[[nn.Module], None] | None = None,
+    export: Callable[[nn.Module, Path], None] | None = None,
+    validate: Callable[[nn.Module, int], None] | None = None,
+    should_stop: Callable[[], bool] | None = None,
+    on_step: Callable[[int, float], None] | None = None,
+    accelerator: Accelerator | None = None,
+) -> FitResult:
+    """Trains ``objective``'s trainable parameters with AdamW; returns when ``max_train_steps`` is reached.
+
+    ``sample(step, i)`` returns sample ``i`` of the global batch of optimizer step ``step`` (tensors and strings).
+    ``after_step`` runs on the unwrapped objective after each optimizer step; ``export(objective, directory)``
+    adds the method's output files to each checkpoint; ``validate(objective, step)`` every
+    ``validation_steps``; ``should_stop()`` after each step (a checkpoint is written, so the run can be resumed).
+    """
+    tracker = "tensorboard" if config.report_to == "tensorboard" and importlib.util.find_spec("tensorboard") else None
+    accelerator = accelerator or Accelerator(
+        mixed_precision=config.mixed_precision,
+        log_with=tracker,
+        project_dir=config.output_dir,
+        cpu=process_state().distributed_type == DistributedType.MULTI_CPU,
+    )
+    set_seed(config.seed)
+    params = [p for p in objective.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("the objective has no trainable parameters (none has requires_grad=True)")
+    world, rank = accelerator.num_processes, accelerator.process_index
+    global_batch = config.train_batch_size * config.gradient_accumulation_steps * world
+    lr = config.learning_rate * (global_batch if config.scale_lr else 1)
+    optimizer = torch.optim.AdamW(
+        params,
+        lr=lr,
+        betas=(config.adam_beta1, config.adam_beta2),
+        weight_decay=config.adam_weight_decay,
+        eps=config.adam_epsilon,
+    )
+    schedule = get_scheduler(
+        config.lr_scheduler,
+        optimizer,
+        num_warmup_steps=config.lr_warmup_steps,
+        num_training_steps=config.max_train_steps,
+    )
+    model, optimizer = accelerator.prepare(objective, optimizer)
+    core = accelerator.unwrap_model(model)
+
+    start = 0
+    checkpoint = resolve_checkpoint(config.resume_from_checkpoint, config.output_dir)
+    if checkpoint is not None:
+        start, tensors, optimizer_state, _ = load_checkpoint(checkpoint)
+        missing = set(trainable_state(core)) ^ set(tensors)
+        if missing:
+            raise ValueError(f"{checkpoint} does not match this objective (parameters differ: {sorted(missing)[:5]})")
+        with torch.no_grad():
+            for name, p in trainable_state(core).items():
+                p.copy_(tensors[name])
+        optimizer.load_state_dict(optimizer_state)
+        with warnings.catch_warnings():  # fast-forwarding the schedule without optimizer steps is intended here
+            warnings.simplefilter("ignore", UserWarning)
+            for _ in range(start):
+                schedule.step()
+        logger.info("resumed from %s at step %d", checkpoint, start)
+    elif config.resume_from_checkpoint:
+        logger.info("no checkpoint in %s yet: starting from step 0", config.output_dir)
+    if tracker and accelerator.is_main_process:
+        accelerator.init_trackers(
+            "genreg", config={k: v for k, v in dataclasses.asdict(config).items() if v is not None}
+        )
+
+    def save(step: int) -> None:
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            save_checkpoint(
+                config.output_dir,
+                step,
+                trainable_state(core),
+                optimizer.state_dict(),
+                extra={"global_batch": global_batch, "num_processes": world},
+                total_limit=config.checkpoints_total_limit,
+                export=(lambda directory: export(core, directory)) if export is not None else None,
+            )
+        accelerator.wait_for_everyone()
+
+    losses: list[float] = []
+    stopped = False
+    bar = tqdm(range(start, config.max_train_steps), initial=start, total=config.max_train_steps, desc="training")
+    bar.disable = bar.disable or not accelerator.is_local_main_process
+    for step in range(start, config.max_train_steps):
+        model.train()
+        step_loss = torch.zeros((), device=accelerator.device)
+        for micro in range(config.gradient_accumulation_steps):
+            first = (micro * world + rank) * config.train_batch_size
+            batch = default_collate([sample(step, first + j) for j in range(config.train_batch_size)])
+            batch = {k: v.to(accelerator.device) if torch.is_tensor(v) else v for k, v in batch.items()}
+            last = micro == config.gradient_accumulation_steps - 1
+            # accelerate's prepare() already runs forward under autocast when mixed precision is on
+            with contextlib.nullcontext() if last else accelerator.no_sync(model):
+                loss = model(batch) / config.gradient_accumulation_steps
+                accelerator.backward(loss)
+            step_loss += loss.detach()
+        if config.max_grad_norm > 0:
+            accelerator.clip_grad_norm_(params, config.max_grad_norm)
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad(set_to_none=True)
+        if after_step is not None:
+            after_step(core)
+        done = step + 1
+        mean_loss = accelerator.reduce(step_loss, "mean").item()
+        losses.append(mean_loss)
+        bar.update(1)
+        bar.set_postfix(loss=f"{mean_loss:.4f}")
+        if tracker:
+            accelerator.log({"loss": mean_loss, "lr": schedule.get_last_lr()[0]}, step=done)
+        if on_step is not None:
+            on_step(done, mean_loss)
+        if validate is not None and config.validation_steps and done % config.validation_steps == 0:
+            if accelerator.is_main_process:
+                validate(core, done)
+        stop = should_stop is not None and should_stop()
+        if (
+            stop
+            or done == config.max_train_steps
+            or (config.checkpointing_steps and done % config.checkpointing_steps == 0)
+        ):
+            save(done)
+        if stop:
+            stopped = True
+            break
+    bar.close()
+    accelerator.end_training()
+    return FitResult(step=start + len(losses), losses=losses, stopped=stopped)

@@ -1,0 +1,432 @@
+import logging
+import math
+
+import numpy as np
+import PIL.Image
+import pytest
+import torch
+from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+from genreg.pipelines import GuideAndRescalePipeline, GuideAndRescaleXLPipeline
+
+from genreg.attention import AttentionRecord, RecordingProcessor
+from genreg.cli import main
+from genreg.inversion import ddim_scheduler
+from genreg.methods.guide_and_rescale import (
+    GuideAndRescaleConfig,
+    energy_gradient,
+    feature_energy,
+    guided_noise,
+    guider_in_prediction_space,
+    rescale_factor,
+    self_attention_energy,
+)
+from genreg.testing import tiny_scheduler, tiny_sd_components, tiny_sdxl_components
+
+SOURCE, TARGET = "a red circle on the left", "a blue circle on the left"
+STEPS = 5
+
+
+def image(size=32, seed=0):
+    return PIL.Image.fromarray((np.random.RandomState(seed).rand(size, size, 3) * 255).astype(np.uint8))
+
+
+def quiet(pipe):
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.fixture(scope="module", params=["epsilon", "v_prediction"])
+def sd(request):
+    base = quiet(StableDiffusionPipeline(**tiny_sd_components(prediction_type=request.param)))
+    return base, quiet(GuideAndRescalePipeline.from_pipe(base))
+
+
+@pytest.fixture(scope="module")
+def sdxl():
+    return quiet(GuideAndRescaleXLPipeline.from_pipe(StableDiffusionXLPipeline(**tiny_sdxl_components())))
+
+
+def unet_calls(unet):
+    """Records (batch rows, gradient on) of every UNet call."""
+    calls = []
+    handle = unet.register_forward_pre_hook(lambda m, args: calls.append((len(args[0]), torch.is_grad_enabled())))
+    return calls, handle
+
+
+# --- configuration ---------------------------------------------------------------------------------------------------
+
+
+def test_presets_carry_the_official_settings_as_fractions_of_the_steps():
+    local, style = GuideAndRescaleConfig.preset("local"), GuideAndRescaleConfig.preset("style")
+    assert (local.guidance_scale, local.self_attn_scale, local.feature_scale) == (7.5, 300_000.0, 500.0)
+    assert (local.rescale_lower, local.rescale_upper) == (0.33, 3.0)
+    assert (local.feature_layer, local.feature_loss, local.feature_prompt) == ("up_blocks.-1", "l1", "source")
+    assert [local.guided_steps(n) for n in (10, 25, 50)] == [6, 15, 30]  # the official code's 30 of 50
+    assert (style.self_attn_scale, style.feature_scale, style.rescale_lower, style.rescale_upper) == (
+        1e5,
+        2.5,
+        1.5,
+        1.5,
+    )
+    assert (style.feature_layer, style.feature_loss, style.feature_prompt) == ("up_blocks.1.resnets.1", "l2", "target")
+    assert [style.guided_steps(n) for n in (10, 25, 50)] == [5, 13, 25]
+    assert GuideAndRescaleConfig.preset("local", feature_scale=0.0, self_attn_scale=0.0).guided_steps(50) == 0
+
+
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        ({"self_attn_scale": -1.0}, "self_attn_scale must be a finite number >= 0"),
+        ({"guidance_scale": math.nan}, "guidance_scale must be a finite number"),
+        ({"guided_fraction": 1.5}, "guided_fraction must be within"),
+        ({"rescale_lower": 4.0}, "must not exceed rescale_upper"),
+        ({"feature_loss": "l3"}, "unknown feature_loss"),
+        ({"feature_prompt": "negative"}, "unknown feature_prompt"),
+        ({"chunk_size": 0}, "chunk_size must be a positive whole number"),
+        ({"self_attn_levels": (-1,)}, "self_attn_levels must be whole numbers"),
+        ({"temperature": 1.0}, "unknown GaR setting"),
+    ],
+)
+def test_bad_settings_are_refused_with_the_reason(changes, message):
+    with pytest.raises(ValueError, match=message):
+        GuideAndRescaleConfig.preset("local", **changes)
+
+
+def test_unknown_preset_lists_the_known_ones():
+    with pytest.raises(ValueError, match="unknown preset 'global'; choose one of local, style"):
+        GuideAndRescaleConfig.preset("global")
+
+
+# --- the math --------------------------------------------------------------------------------------------------------
+
+
+def test_rescaling_keeps_the_guider_norm_within_its_range_of_the_cfg_norm():
+    g = torch.Generator().manual_seed(0)
+    cfg = torch.randn(4, 4, 8, 8, generator=g)
+    direction = torch.randn(4, 4, 8, 8, generator=g)
+    direction = direction / direction.flatten(1).norm(dim=1).view(-1, 1, 1, 1)
+    ratios = torch.tensor([0.1, 1.0, 10.0, 0.0])
+    guider = direction * (ratios * cfg.flatten(1).norm(dim=1)).view(-1, 1, 1, 1)
+    gamma = rescale_factor(guider, cfg, 0.33, 3.0)
+    got = (gamma * guider).flatten(1).norm(dim=1) / cfg.flatten(1).norm(dim=1)
+    torch.testing.assert_close(got[:3], torch.tensor([0.33, 1.0, 3.0]))
+    assert gamma[3].item() == 1.0  # a zero guider is left alone
+    assert rescale_factor(guider, torch.zeros_like(cfg), 0.33, 3.0).flatten().tolist() == [1.0] * 4
+    fixed = rescale_factor(guider[:3], cfg[:3], 1.5, 1.5) * guider[:3]
+    torch.testing.assert_close(fixed.flatten(1).norm(dim=1) / cfg[:3].flatten(1).norm(dim=1), torch.full((3,), 1.5))
+
+
+def test_guided_noise_is_cfg_plus_the_rescaled_guider():
+    g = torch.Generator().manual_seed(0)
+    uncond, target, guider = torch.randn(3, 1, 4, 8, 8, generator=g)
+    cfg = uncond + 7.5 * (target - uncond)
+    torch.testing.assert_close(guided_noise(uncond, target, torch.zeros_like(guider), 7.5, 0.33, 3.0), cfg)
+    out = guided_noise(uncond, target, guider, 7.5, 2.0, 2.0)
+    torch.testing.assert_close((out - cfg).norm() / (cfg - uncond).norm(), torch.tensor(2.0))
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_the_guider_moves_the_latent_down_its_gradient_in_either_prediction_space(prediction_type):
+    scheduler = ddim_scheduler(tiny_scheduler(prediction_type))
+    scheduler.set_timesteps(10)
+    g = torch.Generator().manual_seed(0)
+    z, pred, grad = torch.randn(3, 1, 4, 8, 8, generator=g)
+    for t in scheduler.timesteps[:-1]:
+        shift = guider_in_prediction_space(grad, scheduler.alphas_cumprod[int(t)], prediction_type)
+        moved = scheduler.step(pred + shift, t, z).prev_sample - scheduler.step(pred, t, z).prev_sample
+        c = (moved * grad).sum() / (grad * grad).sum()
+        assert c < 0  # an energy descent step
+        torch.testing.assert_close(moved, c * grad, rtol=1e-4, atol=1e-5)
+
+
+def test_self_attention_energy_is_the_mean_squared_map_difference_summed_over_layers():
+    g = torch.Generator().manual_seed(0)
+
+    def record(length):
+        q, k = torch.randn(2, 1, 2, length, 4, generator=g)
+        return AttentionRecord(scale=0.5, query=q, key=k)
+
+    reference = {"a": [record(16)], "b": [record(4)]}
+    current = {"a": [record(16)], "b": [record(4)]}
+    expected = 0.0
+    for name in reference:
+        r, c = reference[name][0], current[name][0]
+        a_ref = torch.softmax(r.query @ r.key.transpose(-1, -2) * 0.5, -1)
+        a_cur = torch.softmax(c.query @ c.key.transpose(-1, -2) * 0.5, -1)
+        expected += (a_ref - a_cur).square().mean()
+    torch.testing.assert_close(self_attention_energy(reference, current, chunk_size=3), expected)
+
+
+def test_feature_energies_are_fp32_so_small_differences_do_not_underflow():
+    ref = torch.full((1, 8, 4, 4), 0.5, dtype=torch.float16)
+    cur = ref + 1e-3
+    assert feature_energy(ref, cur, "l1").dtype == torch.float32
+    step = float(cur[0, 0, 0, 0]) - 0.5  # the fp16 spacing near 0.5
+    torch.testing.assert_close(feature_energy(ref, cur, "l1"), torch.tensor(step), rtol=1e-6, atol=0)
+    torch.testing.assert_close(feature_energy(ref, cur, "l2"), torch.tensor(step**2), rtol=1e-6, atol=0)
+    # attention-map-sized differences (~1e-4) square to ~1e-8, below fp16's smallest subnormal
+    small = torch.full((1, 4), 1e-4, dtype=torch.float16)
+    assert (small * small).sum() == 0 and feature_energy(small, torch.zeros_like(small), "l2") > 0
+
+
+def test_fp16_gradients_are_loss_scaled_instead_of_underflowing():
+    z = torch.linspace(-2, 2, 16, dtype=torch.float16).view(4, 4).requires_grad_()
+    energy = ((z * 1e-3).float() ** 2).sum() * 1e-3  # gradient 2e-9 z: zero in fp16 without scaling
+    assert torch.autograd.grad(energy, z, retain_graph=True)[0].abs().max() == 0
+    grad, scale = energy_gradient(energy, z)
+    assert grad.dtype == torch.float32 and scale == 2.0**16
+    torch.testing.assert_close(grad, 2e-9 * z.detach().float(), rtol=5e-3, atol=0)
+    big = ((z * 10).float() ** 2).sum()  # gradient 200 z: overflows fp16 at the first scale, so it backs off
+    grad, scale = energy_gradient(big, z)
+    assert scale < 2.0**16 and torch.isfinite(grad).all()
+    torch.testing.assert_close(grad, 200 * z.detach().float(), rtol=5e-3, atol=0)
+    z32 = z.detach().float().requires_grad_()
+    assert energy_gradient((z32**2).sum(), z32)[1] == 1.0
+
+
+def test_an_fp16_edit_stays_close_to_the_fp32_edit(tinyworld_pipe, scene_image):
+    from genreg.tinyworld import model_path
+
+    half = quiet(GuideAndRescalePipeline.from_pretrained(model_path(), dtype=torch.float16))
+    full = quiet(GuideAndRescalePipeline.from_pipe(tinyworld_pipe))
+    args = (scene_image, "a large red circle on the left", "a large blue circle on the left")
+    kwargs = dict(num_inference_steps=10, guidance_scale=5.0, output_type="latent")
+    edited_half, edited_full = (pipe(*args, **kwargs).images for pipe in (half, full))
+    cfg = full(*args, self_attn_scale=0.0, feature_scale=0.0, **kwargs).images
+    assert edited_half.dtype == torch.float16 and torch.isfinite(edited_half).all()
+    assert (edited_half.float() - edited_full).norm() < 0.2 * (edited_full - cfg).norm()  # measured 0.04
+
+
+# --- pipelines -------------------------------------------------------------------------------------------------------
+
+
+def test_zero_guider_scales_equal_plain_cfg_from_the_inverted_latent(sd):
+    base, gar = sd
+    out = gar(
+        image(),
+        SOURCE,
+        TARGET,
+        self_attn_scale=0.0,
+        feature_scale=0.0,
+        num_inference_steps=STEPS,
+        output_type="latent",
+    )
+    plain = base(
+        TARGET, latents=out.inverted_latents[-1], num_inference_steps=STEPS, guidance_scale=7.5, output_type="latent"
+    ).images
+    torch.testing.assert_close(out.images, plain, rtol=0, atol=0)
+
+
+def test_a_zero_rescaled_guider_runs_its_passes_and_still_equals_cfg(sd):
+    base, gar = sd
+    calls, handle = unet_calls(gar.unet)
+    try:
+        out = gar(image(), SOURCE, TARGET, rescale_range=(0.0, 1e-30), num_inference_steps=STEPS, output_type="latent")
+    finally:
+        handle.remove()
+    guided = GuideAndRescaleConfig.preset("local").guided_steps(STEPS)
+    inversion = [(1, False)] * STEPS
+    step = [(1, False), (2, False), (1, True)]  # reference; unconditional + target; current with gradient
+    assert calls == inversion + step * guided + [(2, False)] * (STEPS - guided)
+    plain = base(
+        TARGET, latents=out.inverted_latents[-1], num_inference_steps=STEPS, guidance_scale=7.5, output_type="latent"
+    ).images
+    torch.testing.assert_close(out.images, plain, rtol=0, atol=1e-6)
+
+
+def test_style_reads_the_target_pass_with_gradient_and_only_then(sd):
+    _, gar = sd
+    runs = {}
+    for name, changes in (("style", {}), ("features only", {"self_attn_scale": 0.0})):
+        calls, handle = unet_calls(gar.unet)
+        try:
+            gar(image(), SOURCE, TARGET, preset="style", num_inference_steps=4, output_type="latent", **changes)
+        finally:
+            handle.remove()
+        runs[name] = calls[4:]  # after the four inversion calls
+    # reference; unconditional; current (source, target) with gradient, whose target row is the CFG target
+    assert runs["style"] == [(1, False), (1, False), (2, True)] * 2 + [(2, False)] * 2
+    assert runs["features only"] == [(1, False), (1, False), (1, True)] * 2 + [(2, False)] * 2
+
+
+@pytest.mark.parametrize("preset", ["local", "style"])
+def test_sd_and_sdxl_edits_run(sd, sdxl, preset):
+    for pipe in (sd[1], sdxl):
+        out = pipe(image(), SOURCE, TARGET, preset=preset, num_inference_steps=4, output_type="np")
+        assert out.images.shape == (1, 32, 32, 3) and np.isfinite(out.images).all()
+        assert len(out.inverted_latents) == 5
+
+
+def test_the_model_is_left_as_it_was_and_plain_sampling_after_an_edit_is_bit_identical(sd):
+    base, gar = sd
+    unet = gar.unet
+    kwargs = dict(num_inference_steps=4, guidance_scale=5.0, output_type="np")
+    before_images = base(TARGET, generator=torch.Generator().manual_seed(0), **kwargs).images
+    processors = dict(unet.attn_processors)
+    flags = [p.requires_grad for p in unet.parameters()]
+    hooks = sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in unet.modules())
+    seen = []
+
+    def inspect(pipe, i, t, tensors):
+        seen.append(sorted(n for n, p in pipe.unet.attn_processors.items() if isinstance(p, RecordingProcessor)))
+
+    gar(
+        image(),
+        SOURCE,
+        TARGET,
+        num_inference_steps=4,
+        gradient_checkpointing=True,
+        self_attn_blocks=("up",),
+        callback_on_step_end=inspect,
+    )
+    # only the selected layers recorded, during the edit
+    assert seen[0] == sorted(n for n in processors if n.startswith("up_blocks.") and "attn1" in n)
+    assert all(unet.attn_processors[n] is p for n, p in processors.items())
+    assert [p.requires_grad for p in unet.parameters()] == flags
+    assert sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in unet.modules()) == hooks
+    assert not unet.is_gradient_checkpointing
+    after_images = base(TARGET, generator=torch.Generator().manual_seed(0), **kwargs).images
+    np.testing.assert_array_equal(after_images, before_images)
+
+
+def test_gradient_checkpointing_gives_the_same_edit(sd):
+    _, gar = sd
+    plain, checkpointed = (
+        gar(image(), SOURCE, TARGET, num_inference_steps=4, output_type="latent", gradient_checkpointing=flag).images
+        for flag in (False, True)
+    )
+    torch.testing.assert_close(checkpointed, plain, rtol=1e-4, atol=1e-5)
+
+
+def test_the_guider_changes_the_edit_and_layer_selection_matters(sd):
+    _, gar = sd
+    common = dict(num_inference_steps=4, output_type="latent", rescale_range=(1.0, 1.0))
+    cfg = gar(image(), SOURCE, TARGET, self_attn_scale=0.0, feature_scale=0.0, **common).images
+    full = gar(image(), SOURCE, TARGET, **common).images
+    up_only = gar(image(), SOURCE, TARGET, self_attn_blocks=("up",), **common).images
+    assert (full - cfg).abs().max() > 1e-3
+    assert (up_only - full).abs().max() > 1e-6
+
+
+# --- bad input -------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "args, kwargs, error, message",
+    [
+        ((42, SOURCE, TARGET), {}, ValueError, "image must be a PIL image, a uint8 numpy array or the path"),
+        (("missing.png", SOURCE, TARGET), {}, FileNotFoundError, "does not exist"),
+        ((None, SOURCE, "  "), {}, ValueError, "target_prompt is empty: describe the edited image"),
+        ((None, "", TARGET), {}, ValueError, "source_prompt is empty"),
+        ((None, SOURCE, " A red  circle on the left"), {}, ValueError, "the same, so there is nothing to edit"),
+        ((None, SOURCE, TARGET), {"preset": "global"}, ValueError, "unknown preset"),
+        ((None, SOURCE, TARGET), {"feature_scale": -2.0}, ValueError, "feature_scale must be a finite number >= 0"),
+        ((None, SOURCE, TARGET), {"num_inference_steps": 0}, ValueError, "num_inference_steps must be a positive"),
+        ((None, SOURCE, TARGET), {"output_type": "jpeg"}, ValueError, "unknown output_type"),
+        ((None, SOURCE, TARGET), {"height": 30}, ValueError, "height must be a positive multiple of 4"),
+        ((image(2), SOURCE, TARGET), {}, ValueError, "needs sides of at least 4 pixels"),
+        ((None, SOURCE, TARGET), {"feature_layer": "up_blocks.9"}, ValueError, "feature_layer 'up_blocks.9' is not"),
+    ],
+)
+def test_bad_input_gets_a_clear_error(sd, args, kwargs, error, message):
+    _, gar = sd
+    args = (image(), *args[1:]) if args[0] is None else args
+    kwargs = {"num_inference_steps": 2} | kwargs
+    with pytest.raises(error, match=message):
+        gar(*args, **kwargs)
+
+
+def test_a_non_image_file_is_refused(sd, tmp_path):
+    _, gar = sd
+    bogus = tmp_path / "notes.png"
+    bogus.write_text("not an image")
+    with pytest.raises(ValueError, match="not a readable image file"):
+        gar(str(bogus), SOURCE, TARGET, num_inference_steps=2)
+
+
+def test_odd_sizes_are_resized_with_a_warning_and_other_modes_converted(sd, caplog):
+    _, gar = sd
+    grey = image(30).convert("L")
+    with caplog.at_level(logging.INFO, logger="genreg.methods.guide_and_rescale"):
+        out = gar(grey, SOURCE, TARGET, num_inference_steps=2, output_type="np")
+    assert out.images.shape == (1, 32, 32, 3)
+    text = caplog.text
+    assert "resizing the image from 30x30 to 32x32" in text and "L-mode image to RGB" in text
+
+
+# --- the bundled model and the command line --------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def scene_image():
+    from genreg.tinyworld import Obj, Scene, render
+
+    return render(Scene((Obj("circle", "red", "large", "left"),), "white"))[0]
+
+
+@pytest.mark.parametrize("steps", [10, 25, 50])
+def test_the_bundled_model_edits_at_any_step_count(tinyworld_pipe, scene_image, steps):
+    gar = quiet(GuideAndRescalePipeline.from_pipe(tinyworld_pipe))
+    source, target = "a large red circle on the left", "a large blue circle on the left"
+    out = gar(scene_image, source, target, num_inference_steps=steps, guidance_scale=5.0, output_type="np")
+    assert out.images.shape == (1, 64, 64, 3) and np.isfinite(out.images).all()
+    assert len(out.inverted_latents) == steps + 1
+
+
+def test_cli_edit_writes_the_edited_image(tmp_path, scene_image, capsys):
+    path = tmp_path / "scene.png"
+    scene_image.save(path)
+    out = tmp_path / "edited.png"
+    argv = [
+        "edit",
+        str(path),
+        "--source",
+        "a large red circle on the left",
+        "--target",
+        "a large blue circle on the left",
+    ]
+    assert main([*argv, "--out", str(out), "--steps", "6", "--guidance-scale", "5", "--self-attn-levels", "1"]) == 0
+    assert PIL.Image.open(out).size == (64, 64)
+    assert "wrote" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--target", "a large red circle on the left"], "nothing to edit"),
+        (["--target", "a blue circle", "--self-attn-scale", "-1"], "self_attn_scale must be"),
+        (["--target", "a blue circle", "--steps", "0"], "--steps must be a positive"),
+    ],
+)
+def test_cli_edit_bad_input_is_a_clear_error(tmp_path, scene_image, capsys, extra, message):
+    path = tmp_path / "scene.png"
+    scene_image.save(path)
+    assert main(["edit", str(path), "--source", "a large red circle on the left", *extra]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("genreg: error:") and message in err
+
+
+@pytest.mark.slow
+def test_gar_preserves_the_unedited_part_better_than_inversion_and_cfg(tinyworld_pipe):
+    """A behaviour check on a few rendered recolour edits (the benchmark covers this properly)."""
+    from genreg.tinyworld import Obj, Scene, render, scene_prompt
+
+    gar = quiet(GuideAndRescalePipeline.from_pipe(tinyworld_pipe))
+    edits = [
+        (Obj("star", "green", "large", "center"), "orange", "black"),
+        (Obj("triangle", "blue", "large", "top"), "red", "white"),
+        (Obj("square", "yellow", "large", "left"), "purple", "white"),
+    ]
+    psnr = {"cfg": [], "gar": []}
+    for obj, color, background in edits:
+        scene = Scene((obj,), background)
+        edited = Scene((Obj(obj.shape, color, obj.size, obj.position),), background)
+        picture, masks = render(scene)
+        outside = ~(masks[0] | render(edited)[1][0])
+        source, target = scene_prompt(scene, True), scene_prompt(edited, True)
+        for name, changes in (("cfg", {"self_attn_scale": 0.0, "feature_scale": 0.0}), ("gar", {})):
+            out = gar(picture, source, target, num_inference_steps=25, guidance_scale=5.0, output_type="np", **changes)
+            err = ((out.images[0] - np.asarray(picture) / 255.0) ** 2)[outside].mean()
+            psnr[name].append(10 * np.log10(1 / err))
+    print({name: [round(float(v), 1) for v in values] for name, values in psnr.items()})
+    assert np.mean(psnr["gar"]) > np.mean(psnr["cfg"]), psnr

@@ -1,0 +1,56 @@
+"""Subject kits: reference renders, new contexts, and the identity / alignment metrics read by the evaluator."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+
+from genreg.tinyworld import Scene, parse_prompt, render
+from genreg.tinyworld.subjects import SUBJECTS, evaluation_cases, reference_scenes, score_subject, write_kit
+
+SUBJECT = SUBJECTS["striped-orange-star"]
+
+
+def test_kit_has_varied_references_with_placeholder_captions(tmp_path):
+    write_kit(SUBJECT, tmp_path, k=4)
+    rows = [json.loads(line) for line in (tmp_path / "metadata.jsonl").read_text().splitlines()]
+    assert len(rows) == 4 and all((tmp_path / r["file_name"]).is_file() and "{}" in r["text"] for r in rows)
+    layouts = {(s.objects[0].position, s.objects[0].size) for s in reference_scenes(SUBJECT)}
+    assert len(layouts) == 4 and "center" not in {p for p, _ in layouts}
+    with pytest.raises(ValueError, match="at least one reference"):
+        reference_scenes(SUBJECT, k=0)
+
+
+def test_cases_are_new_contexts_and_say_what_they_ask():
+    cases = evaluation_cases(SUBJECT)
+    assert len(cases) == 8
+    for case in cases:
+        spec = parse_prompt(case.prompt(SUBJECT.words))
+        assert [o["position"] for o in spec.objects] == [o.position for o in case.scene.objects]
+        assert spec.background in (None, case.scene.background)
+        companion = case.scene.objects[1:]
+        assert all(o.shape != SUBJECT.shape and o.color != SUBJECT.color for o in companion)
+
+
+@pytest.mark.parametrize("name", list(SUBJECTS))
+def test_perfect_renders_score_full_identity_and_alignment(evaluator, name):
+    subject = SUBJECTS[name]
+    cases = evaluation_cases(subject)
+    references = [render(s)[0] for s in reference_scenes(subject)]
+    scores = score_subject(evaluator, [render(c.scene)[0] for c in cases], cases, subject, references)
+    assert scores["identity"] == 1.0 and scores["alignment"] == 1.0
+
+
+def test_a_different_pattern_breaks_identity_but_not_alignment(evaluator):
+    cases = evaluation_cases(SUBJECT)
+    references = [render(s)[0] for s in reference_scenes(SUBJECT)]
+
+    def dotted(scene: Scene) -> Scene:
+        first = dataclasses.replace(scene.objects[0], pattern="dotted")
+        return dataclasses.replace(scene, objects=(first, *scene.objects[1:]))
+
+    images = [render(dotted(c.scene))[0] for c in cases]
+    scores = score_subject(evaluator, images, cases, SUBJECT, references)
+    assert scores["identity"] == 0.0 and scores["pattern"] == 0.0 and scores["alignment"] == 1.0

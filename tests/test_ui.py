@@ -1,0 +1,420 @@
+"""The web app, launched in-process on the bundled model: through gradio_client, and clicked in a headless Chromium.
+
+Results are checked for being real images and for what the app promises (NFE, checkpoints, readable errors, one job
+at a time), never for particular pixels: the bundled model is retrained from time to time.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+gradio_client = pytest.importorskip("gradio_client")
+from gradio_client import Client, handle_file  # noqa: E402
+from gradio_client.exceptions import AppError  # noqa: E402
+from gradio_client.utils import Status  # noqa: E402
+
+from genreg.personalization import load_learned_embeds  # noqa: E402
+
+KIT = "dotted-purple-circle"
+TOKEN = f"<{KIT}>"
+TINY_TRAIN = {"train_batch_size": 2, "checkpointing_steps": 2, "report_to": "none"}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for(condition, timeout: float = 60.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out waiting for {what}")
+        time.sleep(0.02)
+
+
+def progress_of(job) -> str:
+    """The description of a job's latest progress update ('' before the first)."""
+    units = job.status().progress_data
+    return (units[-1].desc or "") if units else ""
+
+
+def pixels(path) -> np.ndarray:
+    with Image.open(path) as im:
+        return np.asarray(im.convert("RGB"))
+
+
+def is_real_image(path, side: int | None = None) -> bool:
+    """An image file of the expected size that is not one flat colour."""
+    a = pixels(path)
+    return (side is None or a.shape[:2] == (side, side)) and a.std() > 1.0
+
+
+def test_forms_come_from_the_config_dataclasses():
+    import gradio as gr
+    from genreg.ui.forms import build_form, make_config
+
+    from genreg.options import GenerateOptions
+    from genreg.training import TrainConfig
+
+    with gr.Blocks():
+        form = build_form(GenerateOptions)
+        train = build_form(TrainConfig, include=("max_train_steps", "checkpoints_total_limit", "lr_scheduler"))
+    assert list(form) == [f.name for f in dataclasses.fields(GenerateOptions)]
+    assert isinstance(form["guidance"], gr.Radio) and isinstance(form["num_images"], gr.Slider)
+    assert form["gamma_bar"].info.startswith("AG:")  # the help text of the field
+    assert isinstance(train["lr_scheduler"], gr.Radio) and isinstance(train["max_train_steps"], gr.Number)
+
+    options = make_config(GenerateOptions, {"prompt": "a red circle", "num_images": 2.0, "seed": "3"})
+    assert options.num_images == 2 and options.seed == 3
+    assert make_config(TrainConfig, {"checkpoints_total_limit": None}).checkpoints_total_limit is None
+    with pytest.raises(ValueError, match="Num images must be a whole number"):
+        make_config(GenerateOptions, {"num_images": 2.5})
+    with pytest.raises(ValueError, match="LinearAG needs linear_ag_coefficients"):
+        make_config(GenerateOptions, {"guidance": "linear_ag"})
+
+
+@pytest.fixture(scope="module")
+def app(tmp_path_factory):
+    from genreg.ui import launch
+
+    runs = tmp_path_factory.mktemp("runs")
+    demo = launch("tinyworld", port=free_port(), runs_dir=runs, block=False, quiet=True)
+    try:
+        yield demo
+    finally:
+        demo.close()
+
+
+@pytest.fixture(scope="module")
+def url(app) -> str:
+    return app.local_url
+
+
+@pytest.fixture
+def client(url) -> Client:
+    """A fresh client per test: its own session, so a Stop in one test cannot reach another's jobs."""
+    return Client(url, verbose=False, download_files=True)
+
+
+def test_app_binds_locally_without_analytics(app, url):
+    assert url.startswith("http://127.0.0.1:")
+    assert app.analytics_enabled is False and os.environ["GRADIO_ANALYTICS_ENABLED"] == "False"
+    ws = app.workspace
+    assert ws.model_name == "tinyworld" and ws.can_edit
+
+
+def test_generate_returns_images_nfe_and_downloads(client):
+    gallery, report, cfg_gallery, files = client.predict(
+        prompt="a red circle on the left",
+        guidance="ag",
+        num_inference_steps=10,
+        num_images=2,
+        compare_with_cfg=True,
+        api_name="/generate",
+    )
+    assert len(gallery) == 2 and all(is_real_image(item["image"], 256) for item in gallery)
+    nfe = [int(item["caption"].split("·")[1].split()[0]) for item in gallery]
+    assert all(10 <= n <= 20 for n in nfe)  # AG: between conditional-only and full CFG
+    assert "NFE per image vs 20 for CFG" in report and "CFG on the same seeds took" in report
+    assert cfg_gallery["visible"] and len(cfg_gallery["value"]) == 2
+    assert len(files) == 2 and all(is_real_image(f, 64) for f in files)  # the native-size originals
+
+
+def test_stop_interrupts_sampling(client):
+    job = client.submit(
+        prompt="a blue square at the top", guidance="cfg", num_inference_steps=150, num_images=4, api_name="/generate"
+    )
+    wait_for(lambda: job.status().code == Status.PROGRESS, what="sampling to start")
+    client.predict(api_name="/stop")
+    gallery, report, _, _ = job.result(timeout=120)
+    assert "**Stopped** after" in report and "of 150 steps" in report
+    assert len(gallery) == 4  # the unfinished images are still shown
+
+
+def test_two_generate_requests_queue_and_both_complete(app, url):
+    first, second = Client(url, verbose=False), Client(url, verbose=False)
+    before = len(app.workspace.history)
+    job1 = first.submit(
+        prompt="a green star", guidance="cfg", num_inference_steps=60, num_images=4, api_name="/generate"
+    )
+    wait_for(lambda: job1.status().code in (Status.PROCESSING, Status.PROGRESS), what="the first job to start")
+    job2 = second.submit(prompt="a red cross", num_inference_steps=5, num_images=1, api_name="/generate")
+    seen = []
+    while not job2.done():
+        status = job2.status()
+        seen.append((status.code, status.rank))
+        time.sleep(0.02)
+    assert any(code == Status.IN_QUEUE for code, _ in seen), seen  # the second waited its turn, position shown
+    assert len(job1.result(timeout=120)[0]) == 4 and len(job2.result(timeout=120)[0]) == 1
+    runs = app.workspace.history[before:]
+    assert len(runs) == 2 and runs[0].end <= runs[1].start  # one at a time
+
+
+def test_bad_input_gives_a_readable_error_and_the_app_keeps_serving(client, tmp_path):
+    note = tmp_path / "notes.png"
+    note.write_text("this is not an image")
+    with pytest.raises(AppError) as err:
+        client.predict(
+            method="textual-inversion", source="upload", images=[handle_file(note)], api_name="/personalize"
+        )
+    assert "notes.png is not a readable image file" in str(err.value) and "Traceback" not in str(err.value)
+    with pytest.raises(AppError, match="not a readable image file"):
+        client.predict(
+            image=handle_file(note),
+            source_prompt="a red circle",
+            target_prompt="a blue circle",
+            api_name="/edit",
+        )
+    with pytest.raises(AppError, match="prompt 0 is empty"):
+        client.predict(prompt="  ", api_name="/generate")
+    with pytest.raises(AppError, match="not found"):
+        client.predict(model="./no-such-model", api_name="/load_model")  # the loaded model keeps serving
+    gallery = client.predict(prompt="a large red cross", num_inference_steps=10, num_images=1, api_name="/generate")[0]
+    assert is_real_image(gallery[0]["image"])
+
+
+def test_personalize_from_uploads_then_generate_with_the_token(app, client, tmp_path):
+    from genreg.tinyworld.subjects import SUBJECTS, write_kit
+
+    kit = write_kit(SUBJECTS[KIT], tmp_path / "kit")
+    uploads = [handle_file(p) for p in sorted(kit.glob("*.png"))]
+    gallery, report, embeds, run_folder, resume, prompt = client.predict(
+        method="textual-inversion",
+        source="upload",
+        images=uploads,
+        placeholder_token=TOKEN,
+        initializer_token="circle",
+        max_train_steps=4,
+        **TINY_TRAIN,
+        api_name="/personalize",
+    )
+    assert len(gallery) == 4 and all(is_real_image(item["image"]) for item in gallery)
+    assert "4 steps" in report and run_folder == "" and resume == ""
+    token, vectors = load_learned_embeds(embeds)
+    assert token == TOKEN and vectors.shape[0] == 2
+    folder = next(app.workspace.runs_dir.glob("textual-inversion-*"))
+    assert sorted(p.name for p in folder.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
+    assert len(list((folder / "data").glob("*.png"))) == 4
+
+    base = app.workspace.base  # the shared model never learns the token, and its modes and flags are back
+    assert TOKEN not in base.tokenizer.get_vocab() and not base.unet.training
+    assert all(p.requires_grad for p in base.unet.parameters())
+
+    images = client.predict(
+        embeddings=handle_file(embeds),
+        prompt=prompt,
+        num_inference_steps=5,
+        num_images=2,
+        api_name="/generate_with_token",
+    )
+    assert prompt == f"a large {TOKEN} in the center" and len(images) == 2
+
+
+def test_stopped_training_writes_a_checkpoint_and_resumes(app, client):
+    job = client.submit(
+        method="cross-init",
+        source="kit",
+        subject=KIT,
+        placeholder_token=TOKEN,
+        subject_class="tinyworld",
+        max_train_steps=500,
+        **(TINY_TRAIN | {"checkpointing_steps": 0}),
+        api_name="/personalize",
+    )
+    wait_for(lambda: progress_of(job).startswith("training"), what="training to start")
+    client.predict(api_name="/stop")
+    gallery, report, embeds, run_folder, resume, _ = job.result(timeout=120)
+    assert "**stopped** at step" in report and run_folder and resume == "latest" and gallery == []
+    folder = app.workspace.runs_dir / run_folder
+    (checkpoint,) = folder.glob("checkpoint-*")
+    step = int(checkpoint.name.split("-")[1])
+    assert 0 < step < 500 and load_learned_embeds(embeds)[0] == TOKEN
+
+    gallery, report, _, run_folder_after, resume_after, _ = client.predict(
+        method="cross-init",
+        source="kit",
+        subject=KIT,
+        placeholder_token=TOKEN,
+        subject_class="tinyworld",
+        run_folder=run_folder,
+        resume_from_checkpoint=resume,
+        max_train_steps=step + 2,
+        **TINY_TRAIN,
+        api_name="/personalize",
+    )
+    assert f"{step + 2} steps" in report and len(gallery) == 4 and run_folder_after == "" and resume_after == ""
+    assert (folder / f"checkpoint-{step + 2}" / "learned_embeds.safetensors").is_file()
+
+
+def test_edit_shows_before_and_after(client, tmp_path):
+    from genreg.tinyworld import Obj, Scene, render
+
+    path = tmp_path / "scene.png"
+    render(Scene((Obj("circle", "red", "large", "left"),)))[0].save(path)
+    before, after, report, file = client.predict(
+        image=handle_file(path),
+        source_prompt="a large red circle on the left",
+        target_prompt="a large blue circle on the left",
+        preset="local",
+        num_inference_steps=8,
+        api_name="/edit",
+    )
+    assert is_real_image(before, 256) and is_real_image(after, 256) and is_real_image(file, 64)
+    assert not np.array_equal(pixels(before), pixels(after))
+    assert "Guide-and-Rescale" in report and "guided on the first 5" in report
+
+
+def test_stop_interrupts_an_edit(client, tmp_path):
+    from genreg.tinyworld import Obj, Scene, render
+
+    path = tmp_path / "scene.png"
+    render(Scene((Obj("square", "green", "large", "center"),)))[0].save(path)
+    job = client.submit(
+        image=handle_file(path),
+        source_prompt="a large green square in the center",
+        target_prompt="a large green triangle in the center",
+        num_inference_steps=100,
+        api_name="/edit",
+    )
+    wait_for(lambda: job.status().code == Status.PROGRESS, what="the edit to start")
+    client.predict(api_name="/stop")
+    before, after, report, file = job.result(timeout=120)
+    assert "**Stopped**" in report and after is None and file is None and is_real_image(before)
+
+
+def test_genreg_ui_command_starts_the_app_on_localhost(monkeypatch):
+    import genreg.ui
+
+    from genreg.cli import main
+
+    calls = []
+    monkeypatch.setattr(genreg.ui, "launch", lambda *args, **kwargs: calls.append((args, kwargs)))
+    assert main(["ui"]) == 0
+    assert calls[0][0] == ("tinyworld",) and calls[0][1]["host"] == "127.0.0.1" and calls[0][1]["port"] == 7860
+    main(["ui", "--model", "some/dir", "--host", "0.0.0.0", "--port", "8000"])
+    assert calls[1][0] == ("some/dir",) and calls[1][1]["host"] == "0.0.0.0" and calls[1][1]["port"] == 8000
+
+
+def test_launch_prints_its_address(capsys, tmp_path):
+    from genreg.ui import launch
+
+    port = free_port()
+    demo = launch("tinyworld", port=port, runs_dir=tmp_path, block=False)
+    try:
+        assert f"http://127.0.0.1:{port}" in capsys.readouterr().out
+    finally:
+        demo.close()
+
+
+@pytest.mark.slow
+def test_genreg_ui_command_prints_its_address(tmp_path):
+    port = free_port()
+    env = os.environ | {"OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "genreg.cli", "ui", "--port", str(port), "--runs-dir", str(tmp_path)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
+    try:
+        line = proc.stdout.readline()
+        assert f"http://127.0.0.1:{port}" in line, line
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# in a real browser
+
+
+def chromium_path() -> str | None:
+    return shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+@pytest.fixture(scope="module")
+def browser():
+    executable = chromium_path()
+    if executable is None:
+        pytest.skip("chromium is not installed (Debian: apt-get install chromium); .ci/run installs it")
+    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (pip install -e .[dev])")
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=executable, args=["--no-sandbox", "--disable-gpu"])
+        try:
+            yield browser
+        finally:
+            browser.close()
+
+
+@pytest.fixture
+def shots(tmp_path) -> Path:
+    """Where screenshots go: $GENREG_UI_SCREENSHOTS when set (the README's come from there), else a temp folder."""
+    folder = Path(os.environ.get("GENREG_UI_SCREENSHOTS") or tmp_path)
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+def shown_image(page, selector: str, timeout: float = 120_000):
+    """Waits until an <img> under ``selector`` has loaded pixels; returns its natural width."""
+    img = page.locator(f"{selector} img").first
+    img.wait_for(state="visible", timeout=timeout)
+    page.wait_for_function(
+        "sel => { const i = document.querySelector(sel + ' img'); return i && i.complete && i.naturalWidth > 0; }",
+        arg=selector,
+        timeout=timeout,
+    )
+    return img.evaluate("i => i.naturalWidth")
+
+
+def screenshot(page, path: Path) -> None:
+    page.mouse.move(0, 0)  # no hover highlight on the button just clicked
+    page.screenshot(path=str(path), full_page=True)
+
+
+def set_number(page, elem_id: str, value) -> None:
+    """Types into the number box of a Gradio slider or number field."""
+    box = page.locator(f"#{elem_id} input[type=number]").first
+    box.fill(str(value))
+    box.press("Enter")
+
+
+def test_browser_generate_edit_and_personalize_by_clicking(browser, url, shots):
+    page = browser.new_page(viewport={"width": 1360, "height": 1000})
+    try:
+        page.goto(url)
+        page.locator("#gen-run").wait_for(timeout=60_000)
+        page.locator("#gen-prompt textarea").fill("a large green star in the center")
+        set_number(page, "gen-num-images", 4)
+        page.locator("#gen-run").click()
+        assert shown_image(page, "#gen-gallery") >= 64
+        page.locator("#gen-report").get_by_text("NFE per image").wait_for(timeout=60_000)
+        screenshot(page, shots / "ui-generate.png")
+
+        page.get_by_role("tab", name="Edit").click()
+        page.locator("#edit-random").click()
+        shown_image(page, "#edit-input")
+        set_number(page, "edit-num-inference-steps", 10)
+        page.locator("#edit-run").click()
+        assert shown_image(page, "#edit-after") >= 64
+        shown_image(page, "#edit-before")
+        page.locator("#edit-report").get_by_text("Guide-and-Rescale").wait_for(timeout=60_000)
+        screenshot(page, shots / "ui-edit.png")
+
+        page.get_by_role("tab", name="Personalize").click()
+        set_number(page, "pers-max-train-steps", 6)
+        set_number(page, "pers-train-batch-size", 2)
+        page.locator("#pers-run").click()
+        assert shown_image(page, "#pers-gallery") >= 64
+        page.locator("#pers-report").get_by_text("Run folder").wait_for(timeout=60_000)
+        screenshot(page, shots / "ui-personalize.png")
+    finally:
+        page.close()

@@ -1,0 +1,352 @@
+"""The app's shared state: one loaded model and the method pipelines built on it with ``from_pipe``, the run folders
+of training jobs, and the Stop signal of each browser session.
+
+Everything here runs inside one GPU-bound job at a time (the app's concurrency group); the lock only guards against
+a caller that bypasses the queue.
+"""
+
+from __future__ import annotations
+
+import atexit
+import copy
+import json
+import logging
+import re
+import shutil
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+from genreg.pipelines import AdaptiveGuidancePipeline, AdaptiveGuidanceXLPipeline
+
+from genreg.io import load_image
+from genreg.models import BUNDLED, load_pipeline
+
+logger = logging.getLogger(__name__)
+
+try:  # Guide-and-Rescale is optional: without it the app has no Edit tab
+    from genreg.pipelines import GuideAndRescalePipeline, GuideAndRescaleXLPipeline
+except ImportError:  # pragma: no cover - depends on which methods have landed
+    GuideAndRescalePipeline = GuideAndRescaleXLPipeline = None
+
+RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
+RUN_FILE = "genreg-app-run.json"  # what the app needs to resume a run: method and placeholder token
+
+
+class Interrupted(Exception):
+    """The user pressed Stop during a call that has no interrupt flag of its own."""
+
+
+@dataclass
+class JobRecord:
+    kind: str
+    session: str
+    start: float
+    end: float
+
+
+class _StepBar:
+    """Stands in for a pipeline's tqdm bar: forwards each finished step to ``report(done, total)``."""
+
+    def __init__(self, report: Callable[[int, int], None], total: int, iterable=None):
+        self.report, self.total, self.iterable, self.n = report, total, iterable, 0
+        report(0, total)
+
+    def update(self, n: int = 1) -> None:
+        self.n += n
+        self.report(self.n, self.total)
+
+    def __iter__(self):
+        for item in self.iterable:
+            yield item
+            self.update()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        return None
+
+    def set_postfix(self, *args, **kwargs) -> None:
+        return None
+
+    def close(self) -> None:
+        return None
+
+
+@contextmanager
+def reporting(pipe, report: Callable[[int, int], None]) -> Iterator[None]:
+    """Routes the progress bars of ``pipe``'s calls to ``report(done, total)`` for the length of the block."""
+
+    def progress_bar(iterable=None, total=None):
+        return _StepBar(report, total if total is not None else len(iterable), iterable)
+
+    pipe.progress_bar = progress_bar
+    try:
+        yield
+    finally:
+        del pipe.progress_bar
+
+
+@contextmanager
+def preserved(*modules: torch.nn.Module) -> Iterator[None]:
+    """Restores the train/eval mode and ``requires_grad`` flags of ``modules`` (trainers freeze and switch modes)."""
+    modes = [[(m, m.training) for m in module.modules()] for module in modules]
+    flags = [[(p, p.requires_grad) for p in module.parameters()] for module in modules]
+    try:
+        yield
+    finally:
+        for group in modes:
+            for m, training in group:
+                m.training = training
+        for group in flags:
+            for p, flag in group:
+                p.requires_grad_(flag)
+
+
+def native_size(pipe) -> int:
+    """The image side the model was trained at (sample size of the UNet times the VAE's factor)."""
+    size = pipe.unet.config.sample_size
+    return (size if isinstance(size, int) else size[0]) * pipe.vae_scale_factor
+
+
+def fit_square(image, size: int):
+    """Crops the centred square of ``image`` and resizes it to ``size`` (the model's native resolution)."""
+    from PIL import Image
+
+    w, h = image.size
+    s = min(w, h)
+    box = ((w - s) // 2, (h - s) // 2, (w - s) // 2 + s, (h - s) // 2 + s)
+    if (w, h) == (size, size):
+        return image
+    # Area averaging for whole-number reductions gives back exactly a render that was enlarged for display.
+    resample = Image.Resampling.BOX if s % size == 0 else Image.Resampling.LANCZOS
+    return image.resize((size, size), resample, box=box)
+
+
+def slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9]+", "-", text).strip("-").lower() or "run"
+
+
+class Workspace:
+    """One model shared by every tab; the pipelines of the methods are views of it (``from_pipe``)."""
+
+    def __init__(
+        self,
+        model: str = "tinyworld",
+        device: str | None = None,
+        dtype: torch.dtype | None = None,
+        runs_dir: str | Path = "genreg-runs",
+    ):
+        self.runs_dir = Path(runs_dir)
+        self.scratch = Path(tempfile.mkdtemp(prefix="genreg-app-"))
+        atexit.register(shutil.rmtree, self.scratch, ignore_errors=True)
+        self.history: list[JobRecord] = []
+        self._device, self._dtype = device, dtype
+        self._lock = threading.Lock()
+        self._stops: dict[str, threading.Event] = {}
+        self._personal: tuple[tuple, AdaptiveGuidancePipeline] | None = None
+        self.load(model)
+
+    # ----------------------------------------------------------------------------------------------------------------
+    # the model
+
+    def load(self, name: str) -> None:
+        """Loads ``name`` ('tinyworld', a diffusers directory or a cached hub id) and builds the method pipelines."""
+        name = (name or "").strip()
+        started = time.perf_counter()
+        base = load_pipeline(name, device=self._device, dtype=self._dtype)
+        if isinstance(base, StableDiffusionXLPipeline):
+            generator_cls, editor_cls = AdaptiveGuidanceXLPipeline, GuideAndRescaleXLPipeline
+        elif isinstance(base, StableDiffusionPipeline):
+            generator_cls, editor_cls = AdaptiveGuidancePipeline, GuideAndRescalePipeline
+        else:
+            raise ValueError(
+                f"{name} holds a {type(base).__name__}; the app works with Stable Diffusion 1.x/2.x and SDXL "
+                "text-to-image models"
+            )
+        base.set_progress_bar_config(disable=True)
+        generator = generator_cls.from_pipe(base)
+        editor = editor_cls.from_pipe(base) if editor_cls is not None else None
+        # Swapped in only once everything is built: a model that fails to load leaves the previous one serving.
+        self.base, self.model_name, self.generator, self.editor = base, name, generator, editor
+        self.load_seconds = time.perf_counter() - started
+        self._personal = None
+
+    @property
+    def is_bundled(self) -> bool:
+        return self.model_name in BUNDLED
+
+    @property
+    def can_edit(self) -> bool:
+        return self.editor is not None
+
+    @property
+    def mixed_precision(self) -> str:
+        """Training autocast that matches the frozen weights' dtype (as the training scripts choose it)."""
+        if self.base.dtype == torch.bfloat16:
+            return "bf16"
+        return "fp16" if self.base.dtype == torch.float16 and self.base.device.type == "cuda" else "no"
+
+    def describe(self) -> str:
+        size = native_size(self.base)
+        return (
+            f"**{self.model_name}**: {type(self.base).__name__}, {size}x{size} px · device `{self.base.device}` · "
+            f"dtype `{str(self.base.dtype).removeprefix('torch.')}` · loaded in {self.load_seconds:.1f} s"
+        )
+
+    # ----------------------------------------------------------------------------------------------------------------
+    # jobs and Stop
+
+    @contextmanager
+    def job(self, kind: str, session: str) -> Iterator[threading.Event]:
+        """One GPU-bound job of browser session ``session``; yields the event its Stop button sets."""
+        stop = self._stops.setdefault(session, threading.Event())
+        with self._lock:
+            stop.clear()
+            start = time.monotonic()
+            try:
+                yield stop
+            finally:
+                self.history.append(JobRecord(kind, session, start, time.monotonic()))
+                del self.history[:-100]
+
+    def stop(self, session: str) -> None:
+        """Asks the running job of ``session`` to stop after its current step."""
+        self._stops.setdefault(session, threading.Event()).set()
+
+    # ----------------------------------------------------------------------------------------------------------------
+    # personalization
+
+    def personalized(self, embeds: str | Path) -> AdaptiveGuidancePipeline:
+        """The generator with a learned token loaded into its own copy of the text encoder and tokenizer.
+
+        The shared model never sees the token; the last one built is kept for the next request.
+        """
+        embeds = Path(embeds)
+        if not embeds.is_file():
+            raise FileNotFoundError(f"embeddings file {embeds.name} not found: train a token or upload one")
+        if embeds.suffix != ".safetensors":
+            raise ValueError(f"{embeds.name} is not a .safetensors file; upload a learned_embeds.safetensors")
+        key = (str(embeds), embeds.stat().st_mtime_ns, id(self.base))
+        if self._personal is not None and self._personal[0] == key:
+            return self._personal[1]
+        if getattr(self.base, "text_encoder_2", None) is not None:
+            raise ValueError("learned tokens are supported on SD 1.x/2.x models (one text encoder), not SDXL yet")
+        text_encoder, tokenizer = copy.deepcopy(self.base.text_encoder), copy.deepcopy(self.base.tokenizer)
+        pipe = type(self.generator).from_pipe(self.base, text_encoder=text_encoder, tokenizer=tokenizer)
+        pipe.set_progress_bar_config(disable=True)
+        try:
+            pipe.load_textual_inversion(str(embeds))
+        except Exception as err:  # diffusers raises several kinds for a file that is not a token embedding
+            raise ValueError(f"{embeds.name} is not a usable token embedding for this model: {err}") from err
+        self._personal = (key, pipe)
+        return pipe
+
+    def run_folder(self, name: str, method: str, token: str) -> Path:
+        """The folder of a training run under ``runs_dir``: ``name``, or a new one named after method and token."""
+        name = (name or "").strip()
+        if not name:
+            stem = f"{method}-{slug(token)}-{time.strftime('%Y%m%d-%H%M%S')}"
+            folder, n = self.runs_dir / stem, 1
+            while folder.exists():
+                n += 1
+                folder = self.runs_dir / f"{stem}-{n}"
+            return folder
+        if not RUN_NAME.match(name):
+            raise ValueError(
+                f"run folder {name!r} must be a plain folder name (letters, digits, '.', '_', '-'): runs are kept "
+                f"in {self.runs_dir}"
+            )
+        return self.runs_dir / name
+
+    def prepare_run(
+        self, folder: Path, method: str, token: str, resume: bool, kit: str | None, uploads: list[str]
+    ) -> Path:
+        """Checks that ``folder`` suits a new or resumed run and writes its training images; returns their folder.
+
+        A new run takes a tiny-world subject kit (``kit``) or uploaded images; a resumed one keeps its own images.
+        """
+        from genreg.training import list_checkpoints
+
+        data = folder / "data"
+        record = folder / RUN_FILE
+        if resume:
+            if not record.is_file() or not data.is_dir():
+                raise ValueError(
+                    f"nothing to resume in run folder {folder.name}: it holds no run started by the app; clear "
+                    "'Resume from checkpoint' to start a new run"
+                )
+            saved = json.loads(record.read_text())
+            if saved.get("method") != method or saved.get("placeholder_token") != token:
+                raise ValueError(
+                    f"run folder {folder.name} trains {saved.get('placeholder_token')} with {saved.get('method')}; "
+                    "resume it with the same method and placeholder token, or start a new run"
+                )
+            return data
+        if list_checkpoints(folder):
+            raise ValueError(
+                f"run folder {folder.name} already holds a run: set 'Resume from checkpoint' to 'latest' to continue "
+                "it, or choose another folder name"
+            )
+        images = self._read_uploads(uploads) if kit is None else None
+        # A run that failed before its first checkpoint left only its images behind: start it afresh.
+        shutil.rmtree(data, ignore_errors=True)
+        data.mkdir(parents=True)
+        if kit is not None:
+            from genreg.tinyworld.subjects import SUBJECTS, write_kit
+
+            if kit not in SUBJECTS:
+                raise ValueError(f"unknown subject kit {kit!r}; choose one of {', '.join(SUBJECTS)}")
+            write_kit(SUBJECTS[kit], data)
+        else:
+            for i, (stem, image) in enumerate(images):
+                image.save(data / f"{i:02d}-{slug(stem)}.png")
+        record.write_text(json.dumps({"method": method, "placeholder_token": token, "kit": kit}) + "\n")
+        return data
+
+    @staticmethod
+    def _read_uploads(uploads: list[str]) -> list:
+        if not uploads:
+            raise ValueError(
+                "no training images: upload a few images of the subject, or pick a tiny-world subject kit"
+            )
+        images = []
+        for path in uploads:
+            name = Path(path).name
+            try:
+                images.append((Path(path).stem, load_image(path)))
+            except (ValueError, FileNotFoundError):
+                raise ValueError(f"{name} is not a readable image file; upload PNG, JPEG or WebP images") from None
+        return images
+
+    def train(self, method: str, config, train_config, **fit_kwargs) -> Path:
+        """Runs trainer ``method`` of the registry on a private copy of the text encoder and tokenizer.
+
+        Trainers add the placeholder token to the pipeline they are given; the copy keeps the shared model clean, and
+        the frozen UNet and VAE get their modes and flags back afterwards.
+        """
+        from genreg.registry import TRAINERS
+
+        if getattr(self.base, "text_encoder_2", None) is not None:
+            raise ValueError("token training supports SD 1.x/2.x models (one text encoder), not SDXL yet")
+        trainer = TRAINERS[method]
+        text_encoder, tokenizer = copy.deepcopy(self.base.text_encoder), copy.deepcopy(self.base.tokenizer)
+        pipe = type(self.base).from_pipe(self.base, text_encoder=text_encoder, tokenizer=tokenizer)
+        pipe.set_progress_bar_config(disable=True)
+        with preserved(self.base.unet, self.base.vae):
+            return trainer.run(pipe, config, train_config, **fit_kwargs)
+
+    def keep(self, path: str | Path, name: str | None = None) -> Path:
+        """A copy of ``path`` in the app's scratch folder, which the app may serve for download."""
+        folder = Path(tempfile.mkdtemp(dir=self.scratch))
+        return Path(shutil.copy(path, folder / (name or Path(path).name)))
+
+    def scratch_dir(self) -> Path:
+        return Path(tempfile.mkdtemp(dir=self.scratch))

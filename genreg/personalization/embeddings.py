@@ -47,7 +47,7 @@ def add_placeholder(tokenizer, text_encoder, token: str, num_vectors: int) -> li
         )
     tokenizer.add_tokens(names)
     ids = tokenizer.convert_tokens_to_ids(names)
-    text_encoder.resize_token_embeddings(len(tokenizer))
+    text_encoder.resize_token_embeddings(len(tokenizer), mean_resizing=False)  # the rows are set right after
     return ids
 
 

@@ -101,7 +101,6 @@ def fit(
     sample: Callable[[int, int], dict[str, Any]],
     config: TrainConfig,
     *,
-    after_step: Callable[[nn.Module], None] | None = None,
     export: Callable[[nn.Module, Path], None] | None = None,
     validate: Callable[[nn.Module, int], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
@@ -111,9 +110,9 @@ def fit(
     """Trains ``objective``'s trainable parameters with AdamW; returns when ``max_train_steps`` is reached.
 
     ``sample(step, i)`` returns sample ``i`` of the global batch of optimizer step ``step`` (tensors and strings).
-    ``after_step`` runs on the unwrapped objective after each optimizer step; ``export(objective, directory)``
-    adds the method's output files to each checkpoint; ``validate(objective, step)`` every
-    ``validation_steps``; ``should_stop()`` after each step (a checkpoint is written, so the run can be resumed).
+    ``export(objective, directory)`` adds the method's output files to each checkpoint; ``validate(objective, step)``
+    runs every ``validation_steps``; ``should_stop()`` after each step (a checkpoint is written, so the run can be
+    resumed).
     """
     tracker = "tensorboard" if config.report_to == "tensorboard" and importlib.util.find_spec("tensorboard") else None
     accelerator = accelerator or Accelerator(
@@ -149,9 +148,9 @@ def fit(
     checkpoint = resolve_checkpoint(config.resume_from_checkpoint, config.output_dir)
     if checkpoint is not None:
         start, tensors, optimizer_state, _ = load_checkpoint(checkpoint)
-        missing = set(trainable_state(core)) ^ set(tensors)
-        if missing:
-            raise ValueError(f"{checkpoint} does not match this objective (parameters differ: {sorted(missing)[:5]})")
+        differ = set(trainable_state(core)) ^ set(tensors)
+        if differ:
+            raise ValueError(f"{checkpoint} does not match this objective (parameters differ: {sorted(differ)[:5]})")
         with torch.no_grad():
             for name, p in trainable_state(core).items():
                 p.copy_(tensors[name])
@@ -184,8 +183,9 @@ def fit(
 
     losses: list[float] = []
     stopped = False
-    bar = tqdm(range(start, config.max_train_steps), initial=start, total=config.max_train_steps, desc="training")
-    bar.disable = bar.disable or not accelerator.is_local_main_process
+    bar = tqdm(
+        initial=start, total=config.max_train_steps, desc="training", disable=not accelerator.is_local_main_process
+    )
     for step in range(start, config.max_train_steps):
         model.train()
         step_loss = torch.zeros((), device=accelerator.device)
@@ -204,8 +204,6 @@ def fit(
         optimizer.step()
         schedule.step()
         optimizer.zero_grad(set_to_none=True)
-        if after_step is not None:
-            after_step(core)
         done = step + 1
         mean_loss = accelerator.reduce(step_loss, "mean").item()
         losses.append(mean_loss)

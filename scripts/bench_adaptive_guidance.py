@@ -173,7 +173,7 @@ def main() -> None:
         f"{args.steps} DDIM steps, guidance scale {args.guidance_scale:g}, AG cosine in {args.space} space, "
         "thresholds calibrated on "
         f"{args.calibration_prompts} other prompts; wall time of whole pipeline calls "
-        f"(batch {args.batch_size}, {torch.get_num_threads()} CPU threads; other benchmarks ran beside it).",
+        f"(batch {args.batch_size}, {torch.get_num_threads()} CPU threads).",
         "",
         "| row | NFE | NFE saved | time vs CFG | all correct | PSNR to CFG (dB) | embedding cos to CFG |",
         "|---|---|---|---|---|---|---|",

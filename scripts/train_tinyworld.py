@@ -7,9 +7,12 @@ Stages (each resumes from what the previous run left in --work_dir):
   2. VAE: AutoencoderKL 64x64x3 <-> 16x16x4             -> vae/
   3. evaluator: slot-wise attribute classifier, on renders and their VAE reconstructions -> evaluator.safetensors
   4. encode the base pool once through the VAE          -> latents.safetensors
-  5. UNet + CLIP text encoder, v-prediction (or epsilon) objective with min-SNR weighting, EMA weights; every
-     --eval_every steps the EMA model samples prompts (25 DDIM steps, guidance 5), the evaluator scores them, and
-     the best is kept.
+  5. UNet + CLIP text encoder, v-prediction (or epsilon) objective, EMA weights. The x0 error is weighted by the SNR
+     clamped to [0.25, 5] and most captions name the background: with plain min-SNR weighting, or with the background
+     left unnamed (white and black backgrounds then average the object away from the mean image), the high-noise
+     steps that decide the layout teach nothing and position words are ignored.
+     Every --eval_every steps the EMA model samples prompts (25 DDIM steps, guidance 5), the evaluator scores them,
+     and the best is kept.
   6. the best EMA model is written as a diffusers StableDiffusionPipeline (safetensors) to --output_dir.
 """
 
@@ -257,7 +260,9 @@ def train_denoiser(args, latents: torch.Tensor, scenes: list[Scene], vae, evalua
     t0 = time.time()
     while step < args.unet_steps:
         idx = torch.randint(0, len(latents), (args.batch_size,))
-        texts = ["" if rng.random() < 0.1 else caption(scenes[i], rng) for i in idx.tolist()]
+        layout = step >= args.layout_from_step
+        background_p = args.caption_background_p if layout else 0.45
+        texts = ["" if rng.random() < 0.1 else caption(scenes[i], rng, background_p) for i in idx.tolist()]
         ids = tokenizer(
             texts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
         ).input_ids
@@ -267,11 +272,14 @@ def train_denoiser(args, latents: torch.Tensor, scenes: list[Scene], vae, evalua
         xt = scheduler.add_noise(x0, noise, t)
         cond = text_encoder(ids.to(device))[0]
         pred = unet(xt, t, cond).sample
-        # min-SNR-5 weighting (Hang et al. 2023), expressed for the epsilon or v target
-        if args.prediction_type == "epsilon":
-            target, weight = noise, snr[t].clamp(max=5.0) / snr[t]
-        else:
-            target, weight = scheduler.get_velocity(x0, noise, t), snr[t].clamp(max=5.0) / (snr[t] + 1)
+        # Weight on the x0 error: min-SNR-5 (Hang et al. 2023), i.e. SNR clamped to at most 5. In the layout phase
+        # it is also clamped from below, so the high-noise steps, where the layout is decided, weigh something:
+        # plain min-SNR gives them weight SNR (< 0.03 for t > 600).
+        x0_weight = snr[t].clamp(args.min_x0_weight if layout else 0.0, 5.0)
+        if args.prediction_type == "epsilon":  # eps error = SNR * x0 error
+            target, weight = noise, x0_weight / snr[t]
+        else:  # v error = (SNR + 1) * x0 error
+            target, weight = scheduler.get_velocity(x0, noise, t), x0_weight / (snr[t] + 1)
         loss = (weight * (pred - target).pow(2).mean(dim=(1, 2, 3))).mean()
         for group in opt.param_groups:
             group["lr"] = lr_at(step)
@@ -321,10 +329,25 @@ def main() -> None:
     p.add_argument("--test_pool", type=int, default=5000, help="fresh scenes the evaluator is measured on")
     p.add_argument("--evaluator_steps", type=int, default=2500)
     p.add_argument("--vae_steps", type=int, default=2000)
-    p.add_argument("--unet_steps", type=int, default=7000)
+    p.add_argument("--unet_steps", type=int, default=9000)
     p.add_argument("--batch_size", type=int, default=64)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--prediction_type", choices=("v_prediction", "epsilon"), default="v_prediction")
+    p.add_argument(
+        "--layout_from_step",
+        type=int,
+        default=7000,
+        help="first step of the layout phase (the two options below); before it, min-SNR and 45%% of captions naming"
+        " the background teach shapes and colours",
+    )
+    p.add_argument("--min_x0_weight", type=float, default=0.25, help="layout phase: lower clamp of the loss weight")
+    p.add_argument(
+        "--caption_background_p",
+        type=float,
+        default=0.8,
+        help="layout phase: share of captions naming the background (unnamed, white and black backgrounds average"
+        " the object out of the mean image, and position words teach nothing)",
+    )
     p.add_argument("--ema_decay", type=float, default=0.999)
     p.add_argument("--eval_every", type=int, default=1000)
     p.add_argument("--eval_prompts", type=int, default=200, help="prompts sampled at each evaluation (70% single)")

@@ -1,3 +1,4 @@
+import os
 import random
 
 import numpy as np
@@ -111,3 +112,29 @@ def test_tokenizer_makes_world_words_single_tokens_and_accepts_new_ones(tmp_path
     assert len(tok) - 1 in ids
     tok.save_pretrained(tmp_path)
     assert CLIPTokenizer.from_pretrained(tmp_path)("a <my-shape> on the left").input_ids == ids
+
+
+def test_tokenizer_build_is_deterministic_across_processes():
+    """Token ids must not depend on the process (hash seeds): the bundled text encoder is indexed by them."""
+    import subprocess
+    import sys
+
+    code = (
+        "from genreg.tinyworld.architecture import build_tokenizer; t = build_tokenizer(); "
+        "print(sorted(t.get_vocab().items(), key=lambda kv: kv[1])[-40:])"
+    )
+    runs = [
+        subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env).stdout
+        for env in ({**os.environ, "PYTHONHASHSEED": "1"}, {**os.environ, "PYTHONHASHSEED": "2"})
+    ]
+    assert runs[0] == runs[1]
+
+
+def test_bundled_tokenizer_is_the_one_build_tokenizer_makes():
+    from transformers import CLIPTokenizer
+
+    from genreg.tinyworld import model_path
+    from genreg.tinyworld.architecture import build_tokenizer
+
+    bundled = CLIPTokenizer.from_pretrained(model_path() / "tokenizer")
+    assert bundled.get_vocab() == build_tokenizer().get_vocab()

@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import json
-
 from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
-from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 from transformers.convert_slow_tokenizer import bytes_to_unicode
 
@@ -16,29 +13,47 @@ LATENT_CHANNELS = 4
 TEXT_HIDDEN = 64
 
 
+def _learn_merges(words: list[str]) -> list[tuple[str, str]]:
+    """Byte-pair merges that make every word one token: the most frequent adjacent pair first, ties by string order.
+
+    Written out (rather than using a BPE trainer) so the merges, hence the token ids, are the same on every run."""
+    pieces = [[*w[:-1], w[-1] + "</w>"] for w in words]
+    merges = []
+    while True:
+        counts: dict[tuple[str, str], int] = {}
+        for p in pieces:
+            for pair in zip(p, p[1:], strict=False):
+                counts[pair] = counts.get(pair, 0) + 1
+        if not counts:
+            return merges
+        best = min(counts, key=lambda pair: (-counts[pair], pair))
+        merges.append(best)
+        for i, p in enumerate(pieces):
+            j, out = 0, []
+            while j < len(p):
+                if j + 1 < len(p) and (p[j], p[j + 1]) == best:
+                    out.append(p[j] + p[j + 1])
+                    j += 2
+                else:
+                    out.append(p[j])
+                    j += 1
+            pieces[i] = out
+
+
 def build_tokenizer(max_length: int = MAX_PROMPT_TOKENS) -> CLIPTokenizer:
     """A CLIP BPE tokenizer whose merges make every tiny-world word one token; other text falls back to bytes.
 
-    The merges are learnt here by a BPE trainer over the world's vocabulary, so nothing is downloaded. New tokens
-    can be added (``load_textual_inversion``) as with any CLIP tokenizer.
+    Built offline and deterministically (same ids on every build). New tokens can be added
+    (``load_textual_inversion``) as with any CLIP tokenizer.
     """
     alphabet = list(bytes_to_unicode().values())
-    bpe = Tokenizer(models.BPE(end_of_word_suffix="</w>"))
-    bpe.pre_tokenizer = pre_tokenizers.Whitespace()
-    trainer = trainers.BpeTrainer(
-        vocab_size=4096, min_frequency=1, initial_alphabet=alphabet, end_of_word_suffix="</w>", show_progress=False
-    )
-    bpe.train_from_iterator([" ".join(vocabulary())] * 4, trainer=trainer)
-    learnt = bpe.get_vocab()
-    merges = [
-        tuple(m) if isinstance(m, list) else tuple(m.split()) for m in json.loads(bpe.to_str())["model"]["merges"]
-    ]
+    merges = _learn_merges(vocabulary())
     vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
     for c in alphabet:
         vocab.setdefault(c, len(vocab))
         vocab.setdefault(c + "</w>", len(vocab))
-    for token in sorted(learnt, key=learnt.get):
-        vocab.setdefault(token, len(vocab))
+    for a, b in merges:
+        vocab.setdefault(a + b, len(vocab))
     return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=max_length)
 
 

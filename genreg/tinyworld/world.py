@@ -136,8 +136,10 @@ def scene_prompt(scene: Scene, background: bool = False) -> str:
     return f"{text} on a {scene.background} background" if background else text
 
 
-def caption(scene: Scene, rng: random.Random) -> str:
+def caption(scene: Scene, rng: random.Random, background_p: float = 0.45) -> str:
     """A random caption of ``scene`` from several templates; some named attributes may be left out.
+
+    ``background_p`` is the share of captions that name the background.
 
     Training captions vary so that phrasings a person types ("a red circle on the left", "a small blue
     square at the top", "a large green star, black background") all work. Pattern and outline are never named.
@@ -152,10 +154,10 @@ def caption(scene: Scene, rng: random.Random) -> str:
     if two and rng.random() < 0.5:
         parts.reverse()
     text = " and ".join(parts)
-    style = rng.random()
-    if style < 0.25:
+    style = rng.random() / background_p
+    if style < 0.55:
         text = f"{text}, {scene.background} background"
-    elif style < 0.45:
+    elif style < 1.0:
         text = f"{text} on a {scene.background} background"
     if rng.random() < 0.15:
         text = f"an image of {text}"

@@ -138,3 +138,10 @@ def test_bundled_tokenizer_is_the_one_build_tokenizer_makes():
 
     bundled = CLIPTokenizer.from_pretrained(model_path() / "tokenizer")
     assert bundled.get_vocab() == build_tokenizer().get_vocab()
+
+
+def test_caption_background_share_is_checked_and_zero_means_never():
+    rng = random.Random(0)
+    assert not any("background" in caption(sample_scene(rng), rng, background_p=0.0) for _ in range(50))
+    with pytest.raises(ValueError, match="between 0 and 1"):
+        caption(sample_scene(rng), rng, background_p=1.5)

@@ -144,6 +144,8 @@ def caption(scene: Scene, rng: random.Random, background_p: float = 0.45) -> str
     Training captions vary so that phrasings a person types ("a red circle on the left", "a small blue
     square at the top", "a large green star, black background") all work. Pattern and outline are never named.
     """
+    if not 0.0 <= background_p <= 1.0:
+        raise ValueError(f"background_p is a share of captions, between 0 and 1; got {background_p}")
     two = len(scene.objects) == 2
     parts = []
     for o in scene.objects:
@@ -154,10 +156,10 @@ def caption(scene: Scene, rng: random.Random, background_p: float = 0.45) -> str
     if two and rng.random() < 0.5:
         parts.reverse()
     text = " and ".join(parts)
-    style = rng.random() / background_p
-    if style < 0.55:
+    style = rng.random()
+    if style < 0.55 * background_p:
         text = f"{text}, {scene.background} background"
-    elif style < 1.0:
+    elif style < background_p:
         text = f"{text} on a {scene.background} background"
     if rng.random() < 0.15:
         text = f"an image of {text}"

@@ -176,32 +176,21 @@ def _reset_peak() -> bool:
         return False
 
 
-def _memory_probe(variant: str, case: EditCase, model: str, steps: int, scale: float, threads: int, queue) -> None:
-    torch.set_num_threads(threads)
-    pipe = load_pipeline(model, device="cpu")
-    pipe.set_progress_bar_config(disable=True)
-    image = render(case.source)[0]
-    prompts = (case.source_prompt, case.target_prompt)
-    common = {"num_inference_steps": steps, "guidance_scale": scale, "output_type": "latent"}
-    # A short guider-free edit first: thread pools and the forward passes' buffers stay out of the figure.
-    edit(
-        pipe,
-        image,
-        *prompts,
-        num_inference_steps=2,
-        guidance_scale=scale,
-        output_type="latent",
-        self_attn_scale=0.0,
-        feature_scale=0.0,
-    )
-    base = _status_kib("VmRSS")
-    exact = _reset_peak()  # else the high-water mark of loading may hide the edit's peak (an upper bound then)
-    start = time.perf_counter()
+MEMORY_VARIANTS = (
+    "inversion + CFG (no recording)",
+    "GaR local, selected layers",
+    "GaR local, every attention layer recording",
+)
+
+
+def edit_variant(pipe, variant: str, image, prompts: tuple[str, str], **common) -> None:
+    """One edit as ``variant`` (of ``MEMORY_VARIANTS``) runs it: what the memory figures compare."""
     if variant == "inversion + CFG (no recording)":
         edit(pipe, image, *prompts, self_attn_scale=0.0, feature_scale=0.0, **common)
     elif variant == "GaR local, selected layers":
         edit(pipe, image, *prompts, preset="local", **common)
-    else:  # every attention layer records, as the official code does: the others keep their maps with gradient
+    elif variant == "GaR local, every attention layer recording":
+        # The official code's way: the other layers keep their maps with gradient, one step's at a time.
         config = GuideAndRescaleConfig.preset("local")
         chosen = {
             layer.name for layer in select_layers(pipe.unet, "self", config.self_attn_blocks, config.self_attn_levels)
@@ -210,7 +199,6 @@ def _memory_probe(variant: str, case: EditCase, model: str, steps: int, scale: f
         extra = AttentionRecorder(keep="probs", grad=True)
 
         def drop_previous(module, inputs) -> None:
-            # Each UNet pass drops the previous pass's maps (the official code, too, keeps one step's at a time).
             extra.take()
 
         hook = pipe.unet.register_forward_pre_hook(drop_previous)
@@ -219,6 +207,24 @@ def _memory_probe(variant: str, case: EditCase, model: str, steps: int, scale: f
                 edit(pipe, image, *prompts, preset="local", **common)
         finally:
             hook.remove()
+    else:
+        raise ValueError(f"unknown variant {variant!r}; choose one of {MEMORY_VARIANTS}")
+
+
+def _memory_probe(variant: str, case: EditCase, model: str, steps: int, scale: float, threads: int, queue) -> None:
+    torch.set_num_threads(threads)
+    pipe = load_pipeline(model, device="cpu")
+    pipe.set_progress_bar_config(disable=True)
+    image = render(case.source)[0]
+    prompts = (case.source_prompt, case.target_prompt)
+    # A short guider-free edit first: thread pools and the forward passes' buffers stay out of the figure.
+    edit_variant(
+        pipe, MEMORY_VARIANTS[0], image, prompts, num_inference_steps=2, guidance_scale=scale, output_type="latent"
+    )
+    base = _status_kib("VmRSS")
+    exact = _reset_peak()  # else the high-water mark of loading may hide the edit's peak (an upper bound then)
+    start = time.perf_counter()
+    edit_variant(pipe, variant, image, prompts, num_inference_steps=steps, guidance_scale=scale, output_type="latent")
     seconds = time.perf_counter() - start
     queue.put(((_status_kib("VmHWM") - base) * 1024, exact, seconds))
 
@@ -236,13 +242,6 @@ def peak_memory(variant: str, case: EditCase, args) -> dict:
     peak, exact, seconds = queue.get()
     proc.join()
     return {"variant": variant, "peak_bytes": int(peak), "exact": bool(exact), "seconds": seconds}
-
-
-MEMORY_VARIANTS = (
-    "inversion + CFG (no recording)",
-    "GaR local, selected layers",
-    "GaR local, every attention layer recording",
-)
 
 
 # ---------------------------------------------------------------------------------------------------------------------

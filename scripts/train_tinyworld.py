@@ -350,7 +350,7 @@ def main() -> None:
     )
     p.add_argument("--ema_decay", type=float, default=0.999)
     p.add_argument("--eval_every", type=int, default=1000)
-    p.add_argument("--eval_prompts", type=int, default=200, help="prompts sampled at each evaluation (70% single)")
+    p.add_argument("--eval_prompts", type=int, default=200, help="prompts sampled at each evaluation (70%% single)")
     p.add_argument("--checkpointing_steps", type=int, default=250)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--processes", type=int, default=2, help="render workers")

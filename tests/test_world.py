@@ -140,6 +140,17 @@ def test_bundled_tokenizer_is_the_one_build_tokenizer_makes():
     assert bundled.get_vocab() == build_tokenizer().get_vocab()
 
 
+def test_tokenizer_padded_to_a_vocabulary_size_keeps_every_id():
+    from genreg.tinyworld.architecture import build_tokenizer
+
+    plain, padded = build_tokenizer(77), build_tokenizer(77, vocab_size=1000)
+    assert len(plain) < 1000 == len(padded)
+    prompt = "a small blue square at the top, black background"
+    assert padded(prompt).input_ids == plain(prompt).input_ids
+    with pytest.raises(ValueError, match="vocab_size 10 is below"):
+        build_tokenizer(vocab_size=10)
+
+
 def test_caption_background_share_is_checked_and_zero_means_never():
     rng = random.Random(0)
     assert not any("background" in caption(sample_scene(rng), rng, background_p=0.0) for _ in range(50))

@@ -40,11 +40,12 @@ def _learn_merges(words: list[str]) -> list[tuple[str, str]]:
             pieces[i] = out
 
 
-def build_tokenizer(max_length: int = MAX_PROMPT_TOKENS) -> CLIPTokenizer:
+def build_tokenizer(max_length: int = MAX_PROMPT_TOKENS, vocab_size: int | None = None) -> CLIPTokenizer:
     """A CLIP BPE tokenizer whose merges make every tiny-world word one token; other text falls back to bytes.
 
     Built offline and deterministically (same ids on every build). New tokens can be added
-    (``load_textual_inversion``) as with any CLIP tokenizer.
+    (``load_textual_inversion``) as with any CLIP tokenizer. ``vocab_size`` pads the vocabulary with unused entries
+    (``<unusedN>``) to that size, e.g. CLIP's 49,408 for a text encoder of real size.
     """
     alphabet = list(bytes_to_unicode().values())
     merges = _learn_merges(vocabulary())
@@ -54,6 +55,10 @@ def build_tokenizer(max_length: int = MAX_PROMPT_TOKENS) -> CLIPTokenizer:
         vocab.setdefault(c + "</w>", len(vocab))
     for a, b in merges:
         vocab.setdefault(a + b, len(vocab))
+    if vocab_size is not None:
+        if vocab_size < len(vocab):
+            raise ValueError(f"vocab_size {vocab_size} is below the {len(vocab)} entries the tiny world needs")
+        vocab |= {f"<unused{i}>": i for i in range(len(vocab), vocab_size)}
     return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=max_length)
 
 

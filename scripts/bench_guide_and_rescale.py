@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import PIL.Image
 import torch
-from diffusers import StableDiffusionImg2ImgPipeline
+from diffusers import StableDiffusionImg2ImgPipeline, StableDiffusionPipeline
 from tqdm import tqdm
 
 from genreg import load_pipeline
@@ -55,8 +55,11 @@ def to_uint8(images) -> np.ndarray:
     return (np.asarray(images[0]) * 255).round().clip(0, 255).astype(np.uint8)
 
 
-def editors(pipe, args) -> dict[str, Callable[[int, EditCase, object, int], np.ndarray]]:
-    """Row name -> f(case number, case, source image, steps) -> edited uint8 image."""
+def editors(
+    pipe, args, inverted: dict[int, torch.Tensor]
+) -> dict[str, Callable[[int, EditCase, object, int], np.ndarray]]:
+    """Row name -> f(case number, case, source image, steps) -> edited uint8 image. The first row keeps each case's
+    inverted latent z_N in ``inverted``."""
     w = args.guidance_scale
     img2img = StableDiffusionImg2ImgPipeline.from_pipe(pipe, scheduler=ddim_scheduler(pipe.scheduler))
     img2img.set_progress_bar_config(disable=True)
@@ -74,6 +77,7 @@ def editors(pipe, args) -> dict[str, Callable[[int, EditCase, object, int], np.n
             feature_scale=0.0,
             output_type="np",
         )
+        inverted[k] = out.inverted[-1]
         return to_uint8(out.images)
 
     def sdedit(strength):
@@ -330,7 +334,8 @@ def main() -> None:
     sources = [render(c.source)[0] for c in cases]
     source_arrays = np.stack([np.asarray(s) for s in sources])
     regions = [edit_region(c, args.grow) for c in cases]
-    rows = editors(pipe, args)
+    inverted: dict[int, torch.Tensor] = {}
+    rows = editors(pipe, args, inverted)
 
     for run in rows.values():  # first calls (thread pools, allocator) outside the timings
         run(0, cases[0], sources[0], 2)
@@ -351,10 +356,28 @@ def main() -> None:
     for r in results.values():
         r["time_vs_baseline"] = r["seconds_per_edit"] / base_seconds
 
-    # References (not editors): the target render read back (the evaluator's ceiling), and the source through the
-    # VAE (what every latent-space row starts from: PSNR outside the edit region cannot beat it by much).
+    # References (not editors): the target render read back (the evaluator's ceiling); the source through the VAE
+    # (what every latent-space row starts from: PSNR outside the edit region cannot beat it by much); and the
+    # inverted latent sampled back with CFG under the *source* prompt (no edit asked: the most an inversion-based row
+    # can preserve on this model).
+    sampler = StableDiffusionPipeline.from_pipe(pipe, scheduler=ddim_scheduler(pipe.scheduler))
+    sampler.set_progress_bar_config(disable=True)
     with torch.no_grad():
         vae_round_trip = np.stack([to_uint8(decode_latents(pipe, encode_image(pipe, s), "np")) for s in sources])
+        unedited = np.stack(
+            [
+                to_uint8(
+                    sampler(
+                        c.source_prompt,
+                        latents=inverted[k],
+                        num_inference_steps=args.steps,
+                        guidance_scale=args.guidance_scale,
+                        output_type="np",
+                    ).images
+                )
+                for k, c in enumerate(cases)
+            ]
+        )
     target_renders = np.stack([np.asarray(render(c.target)[0]) for c in cases])
     references = {
         "target render (ground truth)": summarize(
@@ -362,6 +385,9 @@ def main() -> None:
         ),
         "source through the VAE (no edit)": summarize(
             score(evaluator, vae_round_trip, cases, source_arrays, regions), None, labels
+        ),
+        "inversion + CFG under the source prompt (no edit)": summarize(
+            score(evaluator, unedited, cases, source_arrays, regions), None, labels
         ),
     }
 
@@ -441,8 +467,9 @@ def markdown(command: str, args, results, references, memory, checks, scheduler_
         )
     lines += [
         "",
-        "References (not editors): the target render (what a perfect edit would score) and the source through the "
-        "VAE (no edit).",
+        "References (not editors): the target render (what a perfect edit would score), the source through the "
+        "VAE (no edit), and the inverted source sampled back with CFG under the source prompt (no edit asked: the "
+        "preservation an inversion-based edit could reach on this model).",
         "",
         "| reference | edit success | preserved | PSNR outside edit (dB) |",
         "|---|---|---|---|",

@@ -1,6 +1,7 @@
 """Benchmarks the bundled `tinyworld` model and its evaluator; writes bench/results/tinyworld.{json,md}.
 
     python scripts/bench_tinyworld.py [--single 200] [--double 100] [--steps 25]
+    python scripts/bench_tinyworld.py --device cuda --dtype float16 --name tinyworld_cuda_fp16  # GPU parity check
 
 - evaluator: per-attribute accuracy on fresh renders (a seed the training never used), named and unnamed attributes;
 - model: prompt adherence read by the evaluator, for single- and two-object prompts, each image with its own seed,
@@ -49,11 +50,16 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=25)
     p.add_argument("--renders", type=int, default=5000)
     p.add_argument("--seed", type=int, default=2026)
+    p.add_argument("--model", default="tinyworld", help="'tinyworld' (bundled) or a diffusers directory")
+    p.add_argument("--device", default="cpu", help="where the model runs (the initial noise is drawn on the CPU)")
+    p.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default="float32")
+    p.add_argument("--results_dir", type=Path, default=RESULTS)
+    p.add_argument("--name", default="tinyworld", help="results file stem")
     args = p.parse_args()
     torch.set_num_threads(2)
 
     evaluator = Evaluator.load()
-    pipe = load_pipeline("tinyworld", device="cpu")
+    pipe = load_pipeline(args.model, device=args.device, dtype=getattr(torch, args.dtype))
     pipe.set_progress_bar_config(disable=True)
     rng = random.Random(args.seed)
     single = [scene_prompt(sample_scene(rng, 1)) for _ in range(args.single)]
@@ -75,23 +81,28 @@ def main() -> None:
         "a red circle on the left",
         "a small blue square at the top",
     ]
-    subprocess.run([*cmd, "--out", str(RESULTS / "generate_check.png")], check=True, capture_output=True)
+    args.results_dir.mkdir(parents=True, exist_ok=True)
+    check = args.results_dir / "generate_check.png"
+    subprocess.run(
+        [*cmd, "--model", args.model, "--device", args.device, "--out", str(check)], check=True, capture_output=True
+    )
     results["cli_generate_seconds"] = time.perf_counter() - start
-    (RESULTS / "generate_check.png").unlink()
-    results["settings"] = vars(args) | {
+    check.unlink()
+    results["settings"] = {k: v for k, v in vars(args).items() if k != "results_dir"} | {
         "scheduler": "DDIM (bundled config)",
         "machine": platform.processor() or platform.machine(),
         "threads": 2,
     }
 
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "tinyworld.json").write_text(json.dumps(results, indent=1))
+    (args.results_dir / f"{args.name}.json").write_text(json.dumps(results, indent=1))
     ev = results["evaluator_on_renders"]
     lines = [
         "# Tiny World benchmark",
         "",
         f"Command: `python scripts/bench_tinyworld.py --single {args.single} --double {args.double}"
-        f" --steps {args.steps}`",
+        f" --steps {args.steps}" + (f" --device {args.device} --dtype {args.dtype}`" if args.device != "cpu" else "`"),
+        "",
+        f"Model on {args.device} in {args.dtype}.",
         "",
         f"## Evaluator on {args.renders} fresh renders (per-attribute accuracy)",
         "",
@@ -113,7 +124,7 @@ def main() -> None:
         f"`genreg generate` with two prompts (load + generate, new process): {results['cli_generate_seconds']:.1f} s",
         "",
     ]
-    (RESULTS / "tinyworld.md").write_text("\n".join(lines))
+    (args.results_dir / f"{args.name}.md").write_text("\n".join(lines))
     print("\n".join(lines))
 
 

@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from genreg import load_pipeline
+from genreg.cli import DTYPES
 from genreg.tinyworld import Evaluator, render_many, sample_scene, scene_prompt
 
 RESULTS = Path(__file__).resolve().parents[1] / "bench" / "results"
@@ -52,7 +53,7 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=2026)
     p.add_argument("--model", default="tinyworld", help="'tinyworld' (bundled) or a diffusers directory")
     p.add_argument("--device", default="cpu", help="where the model runs (the initial noise is drawn on the CPU)")
-    p.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default="float32")
+    p.add_argument("--dtype", choices=DTYPES, default="float32")
     p.add_argument("--results_dir", type=Path, default=RESULTS)
     p.add_argument("--name", default="tinyworld", help="results file stem")
     args = p.parse_args()
@@ -96,11 +97,15 @@ def main() -> None:
 
     (args.results_dir / f"{args.name}.json").write_text(json.dumps(results, indent=1))
     ev = results["evaluator_on_renders"]
+    model_name = "Bundled model" if args.model == "tinyworld" else f"Model {args.model}"
     lines = [
         "# Tiny World benchmark",
         "",
         f"Command: `python scripts/bench_tinyworld.py --single {args.single} --double {args.double}"
-        f" --steps {args.steps}" + (f" --device {args.device} --dtype {args.dtype}`" if args.device != "cpu" else "`"),
+        f" --steps {args.steps}"
+        + (f" --model {args.model}" if args.model != "tinyworld" else "")
+        + (f" --device {args.device} --dtype {args.dtype}" if args.device != "cpu" else "")
+        + "`",
         "",
         f"Model on {args.device} in {args.dtype}.",
         "",
@@ -110,7 +115,7 @@ def main() -> None:
         "|" + "---|" * len(ev),
         "| " + " | ".join(f"{v:.4f}" for v in ev.values()) + " |",
         "",
-        f"## Bundled model, {args.steps} DDIM steps, one seed per image",
+        f"## {model_name}, {args.steps} DDIM steps, one seed per image",
         "",
         "| prompts | guidance | n | shape | color | size | position | count | all correct | seconds |",
         "|---|---|---|---|---|---|---|---|---|---|",

@@ -1,12 +1,13 @@
 """Benchmarks Guide-and-Rescale against inversion + CFG and SDEdit on rendered tiny-world edits (bundled model).
 
     python scripts/bench_guide_and_rescale.py [--edits 120] [--steps 50] [--seed 2026] [--results_dir bench/results]
+        [--gar_variants 'local --self-attn-scale 0' ...]
 
 Edits (``genreg.tinyworld.edits``): recolour one object, change one object's shape, change the background, in one-
 and two-object scenes, balanced; the source image is a render (not a generated image) and the renderer gives the
 ground truth. Rows, all with the same DDIM steps and guidance scale, every edit run by every row in turn:
 DDIM inversion (source prompt) + target prompt with plain CFG (the first baseline); SDEdit (img2img) at two
-strengths; GaR with each preset.
+strengths; GaR with each preset, and with each --gar_variants setting (a preset and `genreg edit` flags).
 Columns: edit success (the evaluator reads the target value of the edited attribute); preservation (every other
 attribute of every object, named and unnamed, the object count and the background, read against the target scene);
 PSNR of the pixels outside the edit region against the source; seconds per edit relative to the first baseline.
@@ -21,6 +22,7 @@ import json
 import multiprocessing as mp
 import os
 import platform
+import shlex
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -33,8 +35,9 @@ from tqdm import tqdm
 
 from genreg import load_pipeline
 from genreg.attention import AttentionRecorder, recording, select_layers
+from genreg.config import add_arguments, given
 from genreg.inversion import ddim_scheduler
-from genreg.methods.guide_and_rescale import GuideAndRescaleConfig, decode_latents, edit, encode_image
+from genreg.methods.guide_and_rescale import PRESETS, GuideAndRescaleConfig, decode_latents, edit, encode_image
 from genreg.tinyworld import Evaluator, render
 from genreg.tinyworld.edits import (
     EDIT_KINDS,
@@ -96,7 +99,7 @@ def editors(
 
         return run
 
-    def gar(preset):
+    def gar(preset, changes=None):
         def run(k, case, image, steps):
             out = edit(
                 pipe,
@@ -105,8 +108,8 @@ def editors(
                 case.target_prompt,
                 preset=preset,
                 num_inference_steps=steps,
-                guidance_scale=w,
                 output_type="np",
+                **(changes or {}) | {"guidance_scale": w},
             )
             return to_uint8(out.images)
 
@@ -115,7 +118,27 @@ def editors(
     rows = {BASELINE: inversion_cfg}
     rows |= {f"SDEdit, strength {s:g}": sdedit(s) for s in args.sdedit_strengths}
     rows |= {f"GaR {p}": gar(p) for p in args.presets}
+    rows |= {f"GaR {spec}": gar(*gar_variant(spec)) for spec in args.gar_variants}
     return rows
+
+
+def gar_variant(spec: str) -> tuple[str, dict]:
+    """``"local --guided-fraction 1"`` -> ("local", {"guided_fraction": 1.0}): a preset and changes, in the flags
+    of ``genreg edit``."""
+    parser = argparse.ArgumentParser(prog="--gar_variants", add_help=False, exit_on_error=False)
+    parser.add_argument("preset", choices=tuple(PRESETS))
+    add_arguments(parser, GuideAndRescaleConfig, dashes=True, unset_is_none=True)
+    try:
+        ns, unknown = parser.parse_known_args(shlex.split(spec))
+        if unknown:
+            raise ValueError(f"unknown flag(s) {' '.join(unknown)}")
+        changes = given(GuideAndRescaleConfig, ns)
+        if "guidance_scale" in changes:
+            raise ValueError("every row shares the bench's --guidance_scale; leave it out here")
+        GuideAndRescaleConfig.preset(ns.preset, **changes)  # refuse bad settings before the run starts
+    except (argparse.ArgumentError, ValueError) as err:
+        raise SystemExit(f"--gar_variants {spec!r}: {err} (write a preset and `genreg edit` flags)") from None
+    return ns.preset, changes
 
 
 def score(evaluator: Evaluator, images: np.ndarray, cases: list[EditCase], sources, regions) -> list[dict]:
@@ -298,7 +321,7 @@ def command_line(parser: argparse.ArgumentParser, args) -> str:
             words.append(
                 f"--{name} "
                 + " ".join(
-                    f"{v:g}" if isinstance(v, float) else str(v)
+                    f"{v:g}" if isinstance(v, float) else shlex.quote(str(v))
                     for v in (value if isinstance(value, list) else [value])
                 )
             )
@@ -313,6 +336,13 @@ def main() -> None:
     p.add_argument("--guidance_scale", type=float, default=5.0, help="CFG scale of every row")
     p.add_argument("--sdedit_strengths", type=float, nargs="+", default=[0.5, 0.75])
     p.add_argument("--presets", nargs="+", default=["local", "style"], help="GaR presets, one row each")
+    p.add_argument(
+        "--gar_variants",
+        nargs="+",
+        default=[],
+        metavar="SPEC",
+        help="more GaR rows, each a preset and `genreg edit` flags, e.g. 'local --guided-fraction 1'",
+    )
     p.add_argument("--grow", type=int, default=1, help="pixels the edit region is grown by (anti-aliased edges)")
     p.add_argument("--memory", action=argparse.BooleanOptionalAction, default=True, help="measure peak memory")
     p.add_argument("--model", default="tinyworld")
@@ -324,6 +354,8 @@ def main() -> None:
     args = p.parse_args()
     if args.edits < 1 or args.steps < 2:
         p.error("--edits must be >= 1 and --steps >= 2")
+    for spec in args.gar_variants:
+        gar_variant(spec)
     torch.set_num_threads(args.threads)
 
     pipe = load_pipeline(args.model, device="cpu")
@@ -358,37 +390,40 @@ def main() -> None:
 
     # References (not editors): the target render read back (the evaluator's ceiling); the source through the VAE
     # (what every latent-space row starts from: PSNR outside the edit region cannot beat it by much); and the
-    # inverted latent sampled back with CFG under the *source* prompt (no edit asked: the most an inversion-based row
-    # can preserve on this model).
+    # inverted latent sampled back under the *source* prompt (no edit asked), with the rows' CFG (what inversion +
+    # CFG keeps when nothing is edited) and without (what the inversion itself keeps).
     sampler = StableDiffusionPipeline.from_pipe(pipe, scheduler=ddim_scheduler(pipe.scheduler))
     sampler.set_progress_bar_config(disable=True)
     with torch.no_grad():
         vae_round_trip = np.stack([to_uint8(decode_latents(pipe, encode_image(pipe, s), "np")) for s in sources])
-        unedited = np.stack(
-            [
-                to_uint8(
-                    sampler(
-                        c.source_prompt,
-                        latents=inverted[k],
-                        num_inference_steps=args.steps,
-                        guidance_scale=args.guidance_scale,
-                        output_type="np",
-                    ).images
-                )
-                for k, c in enumerate(cases)
-            ]
-        )
+        unedited = {
+            w: np.stack(
+                [
+                    to_uint8(
+                        sampler(
+                            c.source_prompt,
+                            latents=inverted[k],
+                            num_inference_steps=args.steps,
+                            guidance_scale=w,
+                            output_type="np",
+                        ).images
+                    )
+                    for k, c in enumerate(cases)
+                ]
+            )
+            for w in dict.fromkeys((args.guidance_scale, 1.0))
+        }
     target_renders = np.stack([np.asarray(render(c.target)[0]) for c in cases])
     references = {
-        "target render (ground truth)": summarize(
-            score(evaluator, target_renders, cases, source_arrays, regions), None, labels
-        ),
-        "source through the VAE (no edit)": summarize(
-            score(evaluator, vae_round_trip, cases, source_arrays, regions), None, labels
-        ),
-        "inversion + CFG under the source prompt (no edit)": summarize(
-            score(evaluator, unedited, cases, source_arrays, regions), None, labels
-        ),
+        "target render (ground truth)": target_renders,
+        "source through the VAE (no edit)": vae_round_trip,
+    } | {
+        f"inversion + {'CFG' if w != 1 else 'no CFG'} under the source prompt, guidance {w:g} (no edit)": images
+        for w, images in unedited.items()
+    }
+    references = {
+        name: summarize(score(evaluator, images, cases, source_arrays, regions), None, labels)
+        for name, images in references.items()
     }
 
     memory = []
@@ -468,8 +503,8 @@ def markdown(command: str, args, results, references, memory, checks, scheduler_
     lines += [
         "",
         "References (not editors): the target render (what a perfect edit would score), the source through the "
-        "VAE (no edit), and the inverted source sampled back with CFG under the source prompt (no edit asked: the "
-        "preservation an inversion-based edit could reach on this model).",
+        "VAE (no edit), and the inverted source sampled back under the source prompt (no edit asked), with the "
+        "rows' CFG and without CFG: what inversion itself keeps, and what CFG at this scale costs on this model.",
         "",
         "| reference | edit success | preserved | PSNR outside edit (dB) |",
         "|---|---|---|---|",

@@ -1,5 +1,6 @@
 import logging
 import math
+import re
 
 import numpy as np
 import PIL.Image
@@ -430,3 +431,26 @@ def test_gar_preserves_the_unedited_part_better_than_inversion_and_cfg(tinyworld
             psnr[name].append(10 * np.log10(1 / err))
     print({name: [round(float(v), 1) for v in values] for name, values in psnr.items()})
     assert np.mean(psnr["gar"]) > np.mean(psnr["cfg"]), psnr
+
+
+def test_the_benchmark_reads_gar_variants_in_the_cli_flags_and_refuses_bad_ones():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).parents[1] / "scripts" / "bench_guide_and_rescale.py"
+    spec = importlib.util.spec_from_file_location("bench_guide_and_rescale", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    assert bench.gar_variant("local --guided-fraction 1 --self-attn-levels 1 2") == (
+        "local",
+        {"guided_fraction": 1.0, "self_attn_levels": (1, 2)},
+    )
+    assert bench.gar_variant("style") == ("style", {})
+    for spec_text, message in (
+        ("local --guided-fraction 2", "guided_fraction must be within [0, 1]"),
+        ("locl", "invalid choice"),
+        ("local --no-such-flag 1", "unknown flag(s) --no-such-flag 1"),
+        ("local --guidance-scale 3", "shares the bench's --guidance_scale"),
+    ):
+        with pytest.raises(SystemExit, match=re.escape(message)):
+            bench.gar_variant(spec_text)

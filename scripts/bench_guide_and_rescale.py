@@ -59,7 +59,7 @@ def to_uint8(images) -> np.ndarray:
 
 
 def editors(
-    pipe, args, inverted: dict[int, torch.Tensor]
+    pipe, args, inverted: dict[int, torch.Tensor], variants: dict[str, tuple[str, dict]]
 ) -> dict[str, Callable[[int, EditCase, object, int], np.ndarray]]:
     """Row name -> f(case number, case, source image, steps) -> edited uint8 image. The first row keeps each case's
     inverted latent z_N in ``inverted``."""
@@ -118,7 +118,7 @@ def editors(
     rows = {BASELINE: inversion_cfg}
     rows |= {f"SDEdit, strength {s:g}": sdedit(s) for s in args.sdedit_strengths}
     rows |= {f"GaR {p}": gar(p) for p in args.presets}
-    rows |= {f"GaR {spec}": gar(*gar_variant(spec)) for spec in args.gar_variants}
+    rows |= {f"GaR {spec}": gar(preset, changes) for spec, (preset, changes) in variants.items()}
     return rows
 
 
@@ -354,8 +354,7 @@ def main() -> None:
     args = p.parse_args()
     if args.edits < 1 or args.steps < 2:
         p.error("--edits must be >= 1 and --steps >= 2")
-    for spec in args.gar_variants:
-        gar_variant(spec)
+    variants = {spec: gar_variant(spec) for spec in args.gar_variants}  # refused before the model loads
     torch.set_num_threads(args.threads)
 
     pipe = load_pipeline(args.model, device="cpu")
@@ -367,7 +366,7 @@ def main() -> None:
     source_arrays = np.stack([np.asarray(s) for s in sources])
     regions = [edit_region(c, args.grow) for c in cases]
     inverted: dict[int, torch.Tensor] = {}
-    rows = editors(pipe, args, inverted)
+    rows = editors(pipe, args, inverted, variants)
 
     for run in rows.values():  # first calls (thread pools, allocator) outside the timings
         run(0, cases[0], sources[0], 2)
@@ -414,7 +413,7 @@ def main() -> None:
             for w in dict.fromkeys((args.guidance_scale, 1.0))
         }
     target_renders = np.stack([np.asarray(render(c.target)[0]) for c in cases])
-    references = {
+    reference_images = {
         "target render (ground truth)": target_renders,
         "source through the VAE (no edit)": vae_round_trip,
     } | {
@@ -423,7 +422,7 @@ def main() -> None:
     }
     references = {
         name: summarize(score(evaluator, images, cases, source_arrays, regions), None, labels)
-        for name, images in references.items()
+        for name, images in reference_images.items()
     }
 
     memory = []

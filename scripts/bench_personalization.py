@@ -4,7 +4,10 @@
 
 For each subject (fixed shape, colour, pattern, outline; 4 reference renders) and training seed: textual inversion
 for 1000 steps (read at 100, 320, 1000) and Cross Initialization for 320 steps (read at 100, 320), same batch,
-learning rate and data; a constant learning rate makes step N of a long run the same as a run of N steps. Each
+learning rate and data; a constant learning rate makes step N of a long run the same as a run of N steps. Textual
+inversion starts from the subject's shape word; Cross Initialization's reference words are the names of its class
+(every base colour of that shape, ``--subject_class tinyworld:SHAPE``) and, in a second row, every base-world
+"colour shape" name (``tinyworld``). Each
 snapshot is loaded into a fresh pipeline with plain ``load_textual_inversion`` and generates the kit's 8 new
 contexts x --images_per_case. A "words only" row prompts with the subject's colour and shape instead of a token.
 Columns: identity (all four subject attributes; pattern and outline alone), evaluator-embedding cosine to the
@@ -55,6 +58,10 @@ def fresh_pipeline(model: str):
     return pipe
 
 
+# Cross Initialization rows: method label -> subject class (reference words), given the subject's shape.
+CROSS_INIT = {"cross-init": "tinyworld:{shape}", "cross-init, every shape": "tinyworld"}
+
+
 def train_run(method: str, args, subject, kit: Path, seed: int, out: Path) -> dict[int, float]:
     """Trains one embedding; returns the wall time (s) at which each step finished."""
     common = {"train_data_dir": str(kit), "placeholder_token": f"<{subject.name}>", "num_vectors": 2, "flip_p": 0.0}
@@ -79,7 +86,8 @@ def train_run(method: str, args, subject, kit: Path, seed: int, out: Path) -> di
         config = TextualInversionConfig(**common, initializer_token=subject.shape)
         train_textual_inversion(pipe, config, train, on_step=on_step)
     else:
-        config = CrossInitConfig(**common, subject_class="tinyworld", reg_weight=args.reg_weight)
+        subject_class = CROSS_INIT[method].format(shape=subject.shape)
+        config = CrossInitConfig(**common, subject_class=subject_class, reg_weight=args.reg_weight)
         train_cross_init(pipe, config, train, on_step=on_step)
     return times
 
@@ -111,9 +119,9 @@ def main() -> None:
             images = generate(base, [c.prompt(subject.words) for c in cases], args.images_per_case, seed)
             scores = score_subject(evaluator, images, cases, subject, references)
             rows.append({"method": "words only", "steps": 0, "subject": name, "seed": seed, **scores})
-        for method in ("textual-inversion", "cross-init"):
+        for method in ("textual-inversion", *CROSS_INIT):
             for seed in args.seeds:
-                out = work / method / name / f"seed{seed}"
+                out = work / method.replace(", ", "_").replace(" ", "-") / name / f"seed{seed}"
                 times = train_run(method, args, subject, kit, seed, out)
                 _, init = load_learned_embeds(out / INIT_FILE)
                 for steps in args.ti_steps if method == "textual-inversion" else args.ci_steps:
@@ -145,7 +153,8 @@ def main() -> None:
         "",
         f"Bundled `tinyworld` model; {len(args.subjects)} subjects x seeds {args.seeds}; 2 vectors, batch "
         f"{args.batch_size}, lr {args.learning_rate:g} (constant), Cross Init lambda {args.reg_weight:g}, reference "
-        "words: every base-world 'colour shape' name; textual inversion starts from the subject's shape word. Each "
+        "words: every base colour of the subject's shape (`cross-init`) or every base-world 'colour shape' name; "
+        "textual inversion starts from the subject's shape word. Each "
         f"snapshot generates 8 new contexts x {args.images_per_case} images (25 DDIM steps, guidance 5).",
         "",
         "| method | steps | runs | identity | pattern | outline | embedding cos | alignment | norm / init | train s |",

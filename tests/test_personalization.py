@@ -148,6 +148,18 @@ def test_cross_init_is_the_encoder_output_of_the_mean_reference_rows():
     assert torch.allclose(got, want, atol=1e-6)
 
 
+def test_tinyworld_reference_words_per_shape_class(data_dir):
+    every = ci_config(data_dir, reference_words=None, subject_class="tinyworld").words()
+    stars = ci_config(data_dir, reference_words=None, subject_class="tinyworld:star").words()
+    assert "red star" in stars and "red circle" in every and "red circle" not in stars
+    assert set(stars) < set(every) and {w.split()[1] for w in stars} == {"star"}
+    assert "cyan star" not in stars  # held-out colours stay out, as in every base-world name
+    with pytest.raises(ValueError, match="tiny-world shape 'planet' unknown"):
+        ci_config(data_dir, subject_class="tinyworld:planet")
+    with pytest.raises(ValueError, match="tinyworld:SHAPE"):
+        ci_config(data_dir, subject_class="robot")
+
+
 def test_regularizer_is_the_unsquared_distance_to_the_init(tmp_path, data_dir):
     from genreg.personalization.embeddings import EmbeddingObjective
 

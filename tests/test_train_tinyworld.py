@@ -17,7 +17,7 @@ def test_train_script_writes_a_loadable_pipeline_and_resumes(tmp_path):
     cmd += ["--evaluator_out", str(tmp_path / "evaluator.safetensors"), "--base_pool", "256", "--full_pool", "256"]
     cmd += ["--test_pool", "64", "--evaluator_steps", "5", "--vae_steps", "5", "--eval_every", "4"]
     cmd += ["--eval_prompts", "4", "--checkpointing_steps", "2", "--processes", "1", "--batch_size", "8"]
-    cmd += ["--layout_from_step", "3"]  # both training phases
+    cmd += ["--layout_from_step", "3", "--evaluator_reconstructions", "100"]  # both phases; part of the pool decoded
     subprocess.run([*cmd, "--unet_steps", "4"], check=True, capture_output=True)
     # Resume from the step-4 checkpoint and go on to step 6.
     subprocess.run([*cmd, "--unet_steps", "6"], check=True, capture_output=True)

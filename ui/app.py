@@ -483,7 +483,8 @@ def _personalize_tab(ws: Workspace, stop_button: Callable[[], gr.Button]) -> Non
     subject = next(iter(SUBJECTS.values()))
     start_values = {"placeholder_token": f"<{subject.name}>", "initializer_token": subject.shape}
     if kit:
-        start_values |= {"flip_p": 0.0, "subject_class": "tinyworld"}  # kit captions name positions; tiny-world words
+        # kit captions name positions; Cross Initialization averages the names of the subject's class (its shape)
+        start_values |= {"flip_p": 0.0, "subject_class": f"tinyworld:{subject.shape}"}
 
     def kit_images(name):
         return [enlarge(render(scene)[0]) for scene in reference_scenes(SUBJECTS[name])]
@@ -595,14 +596,10 @@ def _personalize_tab(ws: Workspace, stop_button: Callable[[], gr.Button]) -> Non
     def use_subject(name):
         s = SUBJECTS[name]
         token = f"<{s.name}>"
-        return kit_images(name), token, s.shape, 0.0, TOKEN_PROMPT.format(token)
+        return kit_images(name), token, s.shape, f"tinyworld:{s.shape}", 0.0, TOKEN_PROMPT.format(token)
 
-    subject_box.change(
-        use_subject,
-        [subject_box],
-        [preview, fields["placeholder_token"], fields["initializer_token"], fields["flip_p"], token_form["prompt"]],
-        **HELPER,
-    )
+    kit_fields = [fields[n] for n in ("placeholder_token", "initializer_token", "subject_class", "flip_p")]
+    subject_box.change(use_subject, [subject_box], [preview, *kit_fields, token_form["prompt"]], **HELPER)
 
     def personalize(values, request, progress):
         name = values.pop("method")

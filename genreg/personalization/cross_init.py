@@ -32,16 +32,27 @@ REFERENCE_WORDS: dict[str, list[str]] = {
 }
 
 
-def tinyworld_reference_words() -> list[str]:
-    """Every "colour shape" name of the base world: the tiny world's counterpart of a list of names."""
-    from ..tinyworld.world import allowed_values
+def tinyworld_reference_words(shape: str | None = None) -> list[str]:
+    """The tiny world's counterpart of a list of names: every base-world "colour shape" name, or, given a shape (the
+    subject's class, as "person" is a face's), every base colour of that shape."""
+    from ..tinyworld.world import OBJECT_ATTRIBUTES, allowed_values
 
-    return [f"{c} {s}" for c, s in itertools.product(allowed_values("color", True), allowed_values("shape", True))]
+    if shape is not None and shape not in OBJECT_ATTRIBUTES["shape"]:
+        raise ValueError(f"tiny-world shape {shape!r} unknown; choose one of {', '.join(OBJECT_ATTRIBUTES['shape'])}")
+    shapes = allowed_values("shape", True) if shape is None else (shape,)
+    return [f"{c} {s}" for c, s in itertools.product(allowed_values("color", True), shapes)]
+
+
+def _tinyworld_class(subject_class: str) -> str | None:
+    """'tinyworld' -> None (every shape); 'tinyworld:star' -> 'star'."""
+    return subject_class.partition(":")[2] or None
 
 
 @dataclass
 class CrossInitConfig(EmbeddingConfig):
-    subject_class: str = option("person", "default reference words: person, dog, cat or tinyworld")
+    subject_class: str = option(
+        "person", "default reference words: person, dog, cat, tinyworld (every shape) or tinyworld:SHAPE"
+    )
     reference_words: list[str] | None = option(None, "reference names/phrases (overrides --subject_class)")
     reference_file: str | None = option(None, "a file of reference names, one per line (overrides both)")
     reg_weight: float = option(1e-5, "lambda: weight of the L2 distance to the initial embedding")
@@ -50,9 +61,12 @@ class CrossInitConfig(EmbeddingConfig):
         super().__post_init__()
         if self.reg_weight < 0:
             raise ValueError(f"reg_weight must be >= 0, got {self.reg_weight}")
-        if self.subject_class not in {*REFERENCE_WORDS, "tinyworld"}:
+        if self.subject_class.split(":")[0] == "tinyworld":
+            tinyworld_reference_words(_tinyworld_class(self.subject_class))  # names an unknown shape
+        elif self.subject_class not in REFERENCE_WORDS:
             raise ValueError(
-                f"subject_class {self.subject_class!r} unknown; choose {', '.join(REFERENCE_WORDS)}, tinyworld"
+                f"subject_class {self.subject_class!r} unknown; choose {', '.join(REFERENCE_WORDS)}, tinyworld or "
+                "tinyworld:SHAPE (e.g. tinyworld:star)"
             )
 
     def words(self) -> list[str]:
@@ -63,8 +77,8 @@ class CrossInitConfig(EmbeddingConfig):
             words = [line.strip() for line in path.read_text().splitlines() if line.strip()]
         elif self.reference_words:
             words = list(self.reference_words)
-        elif self.subject_class == "tinyworld":
-            words = tinyworld_reference_words()
+        elif self.subject_class.split(":")[0] == "tinyworld":
+            words = tinyworld_reference_words(_tinyworld_class(self.subject_class))
         else:
             words = REFERENCE_WORDS[self.subject_class]
         if not words:

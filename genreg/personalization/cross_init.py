@@ -43,9 +43,10 @@ def tinyworld_reference_words(shape: str | None = None) -> list[str]:
     return [f"{c} {s}" for c, s in itertools.product(allowed_values("color", True), shapes)]
 
 
-def _tinyworld_class(subject_class: str) -> str | None:
-    """'tinyworld' -> None (every shape); 'tinyworld:star' -> 'star'."""
-    return subject_class.partition(":")[2] or None
+def _tinyworld_words(subject_class: str) -> list[str] | None:
+    """The reference words of 'tinyworld' (every shape) or 'tinyworld:SHAPE'; None for any other class."""
+    name, _, shape = subject_class.partition(":")
+    return tinyworld_reference_words(shape or None) if name == "tinyworld" else None
 
 
 @dataclass
@@ -61,9 +62,7 @@ class CrossInitConfig(EmbeddingConfig):
         super().__post_init__()
         if self.reg_weight < 0:
             raise ValueError(f"reg_weight must be >= 0, got {self.reg_weight}")
-        if self.subject_class.split(":")[0] == "tinyworld":
-            tinyworld_reference_words(_tinyworld_class(self.subject_class))  # names an unknown shape
-        elif self.subject_class not in REFERENCE_WORDS:
+        if _tinyworld_words(self.subject_class) is None and self.subject_class not in REFERENCE_WORDS:
             raise ValueError(
                 f"subject_class {self.subject_class!r} unknown; choose {', '.join(REFERENCE_WORDS)}, tinyworld or "
                 "tinyworld:SHAPE (e.g. tinyworld:star)"
@@ -77,10 +76,8 @@ class CrossInitConfig(EmbeddingConfig):
             words = [line.strip() for line in path.read_text().splitlines() if line.strip()]
         elif self.reference_words:
             words = list(self.reference_words)
-        elif self.subject_class.split(":")[0] == "tinyworld":
-            words = tinyworld_reference_words(_tinyworld_class(self.subject_class))
         else:
-            words = REFERENCE_WORDS[self.subject_class]
+            words = _tinyworld_words(self.subject_class) or REFERENCE_WORDS[self.subject_class]
         if not words:
             raise ValueError("the reference word list is empty: give at least one name or phrase")
         return words

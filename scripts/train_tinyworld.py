@@ -366,6 +366,8 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--processes", type=int, default=2, help="render workers")
     args = p.parse_args()
+    if args.evaluator_reconstructions < 0:
+        p.error(f"--evaluator_reconstructions counts images, so it is 0 or more; got {args.evaluator_reconstructions}")
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     work = Path(args.work_dir)
@@ -387,14 +389,18 @@ def main() -> None:
 
     # Generated images reach the world through the VAE decoder: the evaluator learns from renders and their
     # reconstructions alike (same labels), so it reads what the model can draw.
-    # Decoding costs about 25 ms an image on two CPU cores: --evaluator_reconstructions bounds how many are made.
+    # Decoding costs about 30 ms an image on two CPU cores: --evaluator_reconstructions bounds how many are made.
     n_recon = min(args.evaluator_reconstructions, len(full_images))
     recon_path = work / "recon_full.npz"
-    if not recon_path.exists() or len(np.load(recon_path)["full"]) != n_recon:
+    recon = dict(np.load(recon_path)) if recon_path.exists() else {}
+    if len(recon.get("full", ())) != n_recon:
+        recon = {
+            "full": reconstruct(vae, full_images[:n_recon], device),
+            "test": reconstruct(vae, test_images, device),
+        }
         tmp = recon_path.with_suffix(".tmp.npz")
-        np.savez(tmp, full=reconstruct(vae, full_images[:n_recon], device), test=reconstruct(vae, test_images, device))
+        np.savez(tmp, **recon)
         os.replace(tmp, recon_path)
-    recon = np.load(recon_path)
 
     eval_path = work / "evaluator.safetensors"
     if not eval_path.exists():

@@ -1,4 +1,4 @@
-"""The bundled model's training script, end to end at toy sizes (slow: run with -m slow)."""
+"""The bundled model's training script: end to end at toy sizes (slow: run with -m slow), and its argument checks."""
 
 import subprocess
 import sys
@@ -26,3 +26,10 @@ def test_train_script_writes_a_loadable_pipeline_and_resumes(tmp_path):
     assert image.images.shape == (1, 64, 64, 3) and np.isfinite(image.images).all()
     assert (tmp_path / "evaluator.safetensors").is_file()
     assert '"step": 6' in (work / "denoiser_checkpoint" / "state.json").read_text()
+
+
+def test_a_negative_reconstruction_count_is_refused_before_any_work(tmp_path):
+    cmd = [sys.executable, "scripts/train_tinyworld.py", "--work_dir", str(tmp_path / "work")]
+    run = subprocess.run([*cmd, "--evaluator_reconstructions", "-1"], capture_output=True, text=True)
+    assert run.returncode == 2 and "--evaluator_reconstructions counts images" in run.stderr
+    assert not (tmp_path / "work").exists()

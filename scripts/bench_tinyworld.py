@@ -52,6 +52,9 @@ def main() -> None:
     p.add_argument("--renders", type=int, default=5000)
     p.add_argument("--seed", type=int, default=2026)
     p.add_argument("--model", default="tinyworld", help="'tinyworld' (bundled) or a diffusers directory")
+    p.add_argument(
+        "--evaluator", default=None, help="evaluator weights (safetensors) to score with; default: the bundled ones"
+    )
     p.add_argument("--device", default="cpu", help="where the model runs (the initial noise is drawn on the CPU)")
     p.add_argument("--dtype", choices=DTYPES, default="float32")
     p.add_argument("--results_dir", type=Path, default=RESULTS)
@@ -59,7 +62,7 @@ def main() -> None:
     args = p.parse_args()
     torch.set_num_threads(2)
 
-    evaluator = Evaluator.load()
+    evaluator = Evaluator.load(args.evaluator)
     pipe = load_pipeline(args.model, device=args.device, dtype=getattr(torch, args.dtype))
     pipe.set_progress_bar_config(disable=True)
     rng = random.Random(args.seed)
@@ -104,6 +107,7 @@ def main() -> None:
         f"Command: `python scripts/bench_tinyworld.py --single {args.single} --double {args.double}"
         f" --steps {args.steps}"
         + (f" --model {args.model}" if args.model != "tinyworld" else "")
+        + (f" --evaluator {args.evaluator}" if args.evaluator else "")
         + (f" --device {args.device} --dtype {args.dtype}" if args.device != "cpu" else "")
         + "`",
         "",

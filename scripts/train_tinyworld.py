@@ -264,8 +264,8 @@ def train_denoiser(args, latents: torch.Tensor, scenes: list[Scene], vae, evalua
 
     t0 = time.time()
     while step < args.unet_steps:
-        idx = torch.randint(0, len(latents), (args.batch_size,))
         layout = step >= args.layout_from_step
+        idx = torch.randint(0, len(latents), (args.batch_size if layout else args.shapes_batch_size,))
         background_p = args.caption_background_p if layout else 0.45
         texts = ["" if rng.random() < 0.1 else caption(scenes[i], rng, background_p) for i in idx.tolist()]
         ids = tokenizer(
@@ -342,6 +342,12 @@ def main() -> None:
     )
     p.add_argument("--unet_steps", type=int, default=16000)
     p.add_argument("--batch_size", type=int, default=64)
+    p.add_argument(
+        "--shapes_batch_size",
+        type=int,
+        default=None,
+        help="batch size of the first phase, before --layout_from_step (default: --batch_size)",
+    )
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--prediction_type", choices=("v_prediction", "epsilon"), default="v_prediction")
     p.add_argument(
@@ -368,6 +374,10 @@ def main() -> None:
     args = p.parse_args()
     if args.evaluator_reconstructions < 0:
         p.error(f"--evaluator_reconstructions counts images, so it is 0 or more; got {args.evaluator_reconstructions}")
+    if args.shapes_batch_size is None:
+        args.shapes_batch_size = args.batch_size
+    if min(args.batch_size, args.shapes_batch_size) < 1:
+        p.error(f"batch sizes are 1 or more; got {args.batch_size} and {args.shapes_batch_size}")
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     work = Path(args.work_dir)

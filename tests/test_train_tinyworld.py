@@ -17,6 +17,7 @@ def test_train_script_writes_a_loadable_pipeline_and_resumes(tmp_path):
     cmd += ["--evaluator_out", str(tmp_path / "evaluator.safetensors"), "--base_pool", "256", "--full_pool", "256"]
     cmd += ["--test_pool", "64", "--evaluator_steps", "5", "--vae_steps", "5", "--eval_every", "4"]
     cmd += ["--eval_prompts", "4", "--checkpointing_steps", "2", "--processes", "1", "--batch_size", "8"]
+    cmd += ["--shapes_batch_size", "4"]  # the first phase's own batch size
     cmd += ["--layout_from_step", "3", "--evaluator_reconstructions", "100"]  # both phases; part of the pool decoded
     subprocess.run([*cmd, "--unet_steps", "4"], check=True, capture_output=True)
     # Resume from the step-4 checkpoint and go on to step 6.
@@ -28,8 +29,15 @@ def test_train_script_writes_a_loadable_pipeline_and_resumes(tmp_path):
     assert '"step": 6' in (work / "denoiser_checkpoint" / "state.json").read_text()
 
 
-def test_a_negative_reconstruction_count_is_refused_before_any_work(tmp_path):
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        (["--evaluator_reconstructions", "-1"], "--evaluator_reconstructions counts images"),
+        (["--shapes_batch_size", "0"], "batch sizes are 1 or more"),
+    ],
+)
+def test_bad_arguments_are_refused_before_any_work(tmp_path, bad, message):
     cmd = [sys.executable, "scripts/train_tinyworld.py", "--work_dir", str(tmp_path / "work")]
-    run = subprocess.run([*cmd, "--evaluator_reconstructions", "-1"], capture_output=True, text=True)
-    assert run.returncode == 2 and "--evaluator_reconstructions counts images" in run.stderr
+    run = subprocess.run([*cmd, *bad], capture_output=True, text=True)
+    assert run.returncode == 2 and message in run.stderr
     assert not (tmp_path / "work").exists()

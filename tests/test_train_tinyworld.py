@@ -19,6 +19,7 @@ def test_train_script_writes_a_loadable_pipeline_and_resumes(tmp_path):
     cmd += ["--eval_prompts", "4", "--checkpointing_steps", "2", "--processes", "1", "--batch_size", "8"]
     cmd += ["--shapes_batch_size", "4"]  # the first phase's own batch size
     cmd += ["--layout_from_step", "3", "--evaluator_reconstructions", "100"]  # both phases; part of the pool decoded
+    cmd += ["--latent_norm", "channel"]
     subprocess.run([*cmd, "--unet_steps", "4"], check=True, capture_output=True)
     # Resume from the step-4 checkpoint and go on to step 6.
     subprocess.run([*cmd, "--unet_steps", "6"], check=True, capture_output=True)
@@ -27,6 +28,26 @@ def test_train_script_writes_a_loadable_pipeline_and_resumes(tmp_path):
     assert image.images.shape == (1, 64, 64, 3) and np.isfinite(image.images).all()
     assert (tmp_path / "evaluator.safetensors").is_file()
     assert '"step": 6' in (work / "denoiser_checkpoint" / "state.json").read_text()
+    assert pipe.vae.config.scaling_factor == 1.0  # the channels' spread is folded into the VAE
+
+
+def test_standardised_latent_channels_are_the_same_autoencoder():
+    from genreg.tinyworld.architecture import build_vae, standardize_latent_channels
+
+    torch.manual_seed(0)
+    vae = build_vae().eval()
+    x = torch.rand(6, 3, 64, 64) * 2 - 1
+    with torch.no_grad():
+        before = vae.encode(x).latent_dist
+        decoded = vae.decode(before.mean).sample
+        mean, std = before.mean.mean(dim=(0, 2, 3)), before.mean.std(dim=(0, 2, 3))
+        standardize_latent_channels(vae, mean, std)
+        after = vae.encode(x).latent_dist
+        expected = (before.mean - mean.view(1, -1, 1, 1)) / std.view(1, -1, 1, 1)
+        torch.testing.assert_close(after.mean, expected, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(after.std, before.std / std.view(1, -1, 1, 1), atol=1e-6, rtol=1e-4)
+        torch.testing.assert_close(vae.decode(after.mean).sample, decoded, atol=1e-5, rtol=1e-4)
+    assert torch.allclose(after.mean.std(dim=(0, 2, 3)), torch.ones(4), atol=1e-4)
 
 
 @pytest.mark.parametrize(

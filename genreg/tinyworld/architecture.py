@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch
 from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 from transformers.convert_slow_tokenizer import bytes_to_unicode
@@ -91,6 +92,27 @@ def build_vae() -> AutoencoderKL:
         norm_num_groups=8,
         sample_size=64,
     )
+
+
+@torch.no_grad()
+def standardize_latent_channels(vae: AutoencoderKL, mean: torch.Tensor, std: torch.Tensor) -> None:
+    """Folds z' = (z - mean) / std per channel into the VAE's 1x1 quant convs, in place: the same autoencoder, whose
+    latents now have unit variance in every channel (as EDM2 normalises SD latents), loadable by plain diffusers.
+
+    A single scaling factor cannot do this, and this VAE's channels differ ~12x in spread (one mostly encodes the
+    background): at any noise level the object channels then carry far less signal than the schedule assumes."""
+    mean, std = mean.double(), std.double()
+    enc, dec = vae.quant_conv, vae.post_quant_conv
+    n = len(mean)
+    w, b = enc.weight.double(), enc.bias.double()
+    w[:n] /= std.view(-1, 1, 1, 1)
+    b[:n] = (b[:n] - mean) / std
+    b[n:] -= 2 * std.log()  # log-variance of z' = log-variance of z - 2 log std
+    enc.weight.copy_(w), enc.bias.copy_(b)
+    w, b = dec.weight.double(), dec.bias.double()
+    b += w[:, :, 0, 0] @ mean
+    w *= std.view(1, -1, 1, 1)
+    dec.weight.copy_(w), dec.bias.copy_(b)
 
 
 def build_unet() -> UNet2DConditionModel:

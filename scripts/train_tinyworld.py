@@ -237,8 +237,14 @@ def train_denoiser(args, latents: torch.Tensor, scenes: list[Scene], vae, evalua
     opt = torch.optim.AdamW(models.parameters(), lr=args.lr, weight_decay=1e-2)
     step, best = 0, {"score": -1.0}
     ckpt = work / "denoiser_checkpoint"
+    setup = {"latent_norm": args.latent_norm, "prediction_type": args.prediction_type}  # what the weights mean
     if (ckpt / "state.json").exists():
         meta = json.loads((ckpt / "state.json").read_text())
+        if meta.get("setup", setup) != setup:
+            raise SystemExit(
+                f"{ckpt} was trained with {meta['setup']}, but this run asks for {setup}: pass the same flags to"
+                " resume it, or start in a new --work_dir"
+            )
         models.load_state_dict(load_file(str(ckpt / "model.safetensors")))
         ema = load_file(str(ckpt / "ema.safetensors"))
         load_optimizer_state(opt, load_file(str(ckpt / "optimizer.safetensors")))
@@ -327,7 +333,7 @@ def train_denoiser(args, latents: torch.Tensor, scenes: list[Scene], vae, evalua
             save_file(ema, str(tmp / "ema.safetensors"))
             save_file(optimizer_state(opt), str(tmp / "optimizer.safetensors"))
             save_file({"torch": torch.get_rng_state()}, str(tmp / "rng.safetensors"))
-            (tmp / "state.json").write_text(json.dumps({"step": step, "best": best}))
+            (tmp / "state.json").write_text(json.dumps({"step": step, "best": best, "setup": setup}))
             shutil.rmtree(ckpt, ignore_errors=True)
             os.replace(tmp, ckpt)
     ema.update(load_file(str(work / "best_ema.safetensors")))

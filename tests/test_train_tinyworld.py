@@ -29,6 +29,9 @@ def test_train_script_writes_a_loadable_pipeline_and_resumes(tmp_path):
     assert (tmp_path / "evaluator.safetensors").is_file()
     assert '"step": 6' in (work / "denoiser_checkpoint" / "state.json").read_text()
     assert pipe.vae.config.scaling_factor == 1.0  # the channels' spread is folded into the VAE
+    # Resuming in another latent space would continue the UNet on latents it was not trained on: refused.
+    run = subprocess.run([*cmd, "--unet_steps", "8", "--latent_norm", "global"], capture_output=True, text=True)
+    assert run.returncode != 0 and "pass the same flags to resume" in run.stderr
 
 
 def test_standardised_latent_channels_are_the_same_autoencoder():

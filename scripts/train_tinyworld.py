@@ -229,6 +229,9 @@ def load_optimizer_state(opt: torch.optim.Optimizer, flat: dict[str, torch.Tenso
 
 
 def train_denoiser(args, latents: torch.Tensor, scenes: list[Scene], vae, evaluator: Evaluator, work: Path, device):
+    # Seeded here, not by the stages before: a run that finds its data, VAE and evaluator already in --work_dir
+    # starts the denoiser exactly as one that made them. (A resumed run restores the RNG state below.)
+    torch.manual_seed(args.seed)
     tokenizer = build_tokenizer()
     unet, text_encoder = build_unet(), build_text_encoder(len(tokenizer))
     scheduler = build_scheduler(args.prediction_type)

@@ -1,5 +1,6 @@
 """The bundled model's training script: end to end at toy sizes (slow: run with -m slow), and its argument checks."""
 
+import shutil
 import subprocess
 import sys
 
@@ -21,6 +22,13 @@ def test_train_script_writes_a_loadable_pipeline_and_resumes(tmp_path):
     cmd += ["--layout_from_step", "3", "--evaluator_reconstructions", "100"]  # both phases; part of the pool decoded
     cmd += ["--latent_norm", "channel"]
     subprocess.run([*cmd, "--unet_steps", "4"], check=True, capture_output=True)
+    first_unet = (out / "unet" / "diffusion_pytorch_model.safetensors").read_bytes()
+    # A run that finds the data, VAE and evaluator already made trains the same denoiser as one that made them.
+    work2 = tmp_path / "work2"
+    shutil.copytree(work, work2, ignore=shutil.ignore_patterns("denoiser_checkpoint", "best_ema.safetensors"))
+    again = [*cmd, "--unet_steps", "4", "--work_dir", str(work2), "--output_dir", str(tmp_path / "model2")]
+    subprocess.run(again, check=True, capture_output=True)
+    assert (tmp_path / "model2" / "unet" / "diffusion_pytorch_model.safetensors").read_bytes() == first_unet
     # Resume from the step-4 checkpoint and go on to step 6.
     subprocess.run([*cmd, "--unet_steps", "6"], check=True, capture_output=True)
     pipe = StableDiffusionPipeline.from_pretrained(out)

@@ -1,7 +1,7 @@
 """Trains the bundled `tinyworld` model and its evaluator from scratch; resumable, a GPU is used when there is one.
 
-On two CPU cores the default recipe takes about 2 h 50 min when the machine is otherwise idle (data, VAE and
-evaluator about 40 min; 16,000 UNet steps about 2 h 10 min with evaluations); it resumes from --work_dir.
+On two CPU cores the default recipe takes about 2 h when the machine is otherwise idle (data, VAE and evaluator
+about 30 min; 11,000 UNet steps about 1 h 30 min with evaluations); it resumes from --work_dir.
 
     python scripts/train_tinyworld.py --work_dir runs/tinyworld --output_dir genreg/tinyworld/model
 
@@ -10,9 +10,9 @@ Stages (each resumes from what the previous run left in --work_dir):
   2. VAE: AutoencoderKL 64x64x3 <-> 16x16x4             -> vae/
   3. evaluator: slot-wise attribute classifier, on renders and their VAE reconstructions -> evaluator.safetensors
   4. encode the base pool once through the VAE          -> latents.safetensors
-     With --latent_norm channel each latent channel is standardised and the map folded into the VAE, whose scaling
-     factor is then 1. This VAE's channels differ ~12x in spread, and with SD's one global factor (the default, the
-     shipped model's recipe) the UNet learnt objects far more slowly: training-time score 0.06 against 0.79 at step
+     With --latent_norm channel (the default) each latent channel is standardised and the map folded into the VAE,
+     whose scaling factor is then 1. This VAE's channels differ ~12x in spread, and with SD's one global factor
+     (--latent_norm global) the UNet learnt objects far more slowly: training-time score 0.06 against 0.79 at step
      8,250 of the same 11,000-step recipe (see the README).
   5. UNet + CLIP text encoder, v-prediction (or epsilon) objective, EMA weights, in two phases. Before
      --layout_from_step: min-SNR-5 weighting, 45% of captions name the background (shapes and colours). From it on
@@ -357,10 +357,10 @@ def main() -> None:
     p.add_argument(
         "--evaluator_reconstructions",
         type=int,
-        default=30000,
+        default=10000,
         help="full-pool images passed through the VAE for the evaluator to learn from (besides every render)",
     )
-    p.add_argument("--unet_steps", type=int, default=16000)
+    p.add_argument("--unet_steps", type=int, default=11000)
     p.add_argument("--batch_size", type=int, default=64)
     p.add_argument(
         "--shapes_batch_size",
@@ -373,7 +373,7 @@ def main() -> None:
     p.add_argument(
         "--layout_from_step",
         type=int,
-        default=7000,
+        default=2000,
         help="first step of the layout phase (the two options below); before it, min-SNR and 45%% of captions naming"
         " the background teach shapes and colours",
     )
@@ -388,11 +388,11 @@ def main() -> None:
     p.add_argument(
         "--latent_norm",
         choices=("channel", "global"),
-        default="global",
+        default="channel",
         help="channel: standardise each latent channel, folded into the VAE; global: one scaling factor (SD's way)",
     )
     p.add_argument("--ema_decay", type=float, default=0.999)
-    p.add_argument("--eval_every", type=int, default=1000)
+    p.add_argument("--eval_every", type=int, default=2750)
     p.add_argument("--eval_prompts", type=int, default=200, help="prompts sampled at each evaluation (70%% single)")
     p.add_argument("--checkpointing_steps", type=int, default=250)
     p.add_argument("--seed", type=int, default=0)

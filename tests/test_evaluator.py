@@ -65,6 +65,7 @@ def test_input_checks(evaluator):
     image, _ = render(sample_scene(random.Random(0)))
     with pytest.raises(ValueError, match="1 images for 2 prompts"):
         evaluator.score([image], ["a red circle", "a blue star"])
-    # Other sizes are resized to 64x64 first.
+    # Other sizes are resized to 64x64 first (a large object: a small one's shape may not survive resampling).
+    image, _ = render(Scene((Obj("square", "blue", "large", "left"),), "white"))
     big = image.resize((128, 128))
     assert evaluator.read([big])[0] == evaluator.read(np.asarray(image)[None])[0]

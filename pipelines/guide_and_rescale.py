@@ -63,8 +63,8 @@ class GuideAndRescaleMixin:
             generator: unused: inversion and DDIM sampling with eta = 0 are deterministic. Accepted for symmetry.
             callback_on_step_end: diffusers-style ``f(pipe, step, timestep, {"latents": ...})`` after each editing
                 step; may return ``{"latents": ...}`` to replace them.
-            config_changes: any other ``GuideAndRescaleConfig`` field, e.g. ``self_attn_levels=(1, 2)``,
-                ``gradient_checkpointing=True``.
+            config_changes: any other ``GuideAndRescaleConfig`` field, e.g. ``inversion="negative-prompt"``,
+                ``self_attn_levels=(1, 2)``, ``gradient_checkpointing=True``.
         """
         named = {
             "guidance_scale": guidance_scale,

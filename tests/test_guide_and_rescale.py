@@ -83,6 +83,7 @@ def test_presets_carry_the_official_settings_as_fractions_of_the_steps():
         ({"rescale_lower": 4.0}, "must not exceed rescale_upper"),
         ({"feature_loss": "l3"}, "unknown feature_loss"),
         ({"feature_prompt": "negative"}, "unknown feature_prompt"),
+        ({"inversion": "null-text"}, "unknown inversion 'null-text'; choose one of ddim, negative-prompt"),
         ({"chunk_size": 0}, "chunk_size must be a positive whole number"),
         ({"self_attn_levels": (-1,)}, "self_attn_levels must be whole numbers"),
         ({"temperature": 1.0}, "unknown GaR setting"),
@@ -214,6 +215,29 @@ def test_zero_guider_scales_equal_plain_cfg_from_the_inverted_latent(sd):
     )
     plain = base(
         TARGET, latents=out.inverted_latents[-1], num_inference_steps=STEPS, guidance_scale=7.5, output_type="latent"
+    ).images
+    torch.testing.assert_close(out.images, plain, rtol=0, atol=0)
+
+
+def test_negative_prompt_inversion_is_cfg_against_the_source_prompt(sd):
+    base, gar = sd
+    out = gar(
+        image(),
+        SOURCE,
+        TARGET,
+        inversion="negative-prompt",
+        self_attn_scale=0.0,
+        feature_scale=0.0,
+        num_inference_steps=STEPS,
+        output_type="latent",
+    )
+    plain = base(
+        TARGET,
+        negative_prompt=SOURCE,
+        latents=out.inverted_latents[-1],
+        num_inference_steps=STEPS,
+        guidance_scale=7.5,
+        output_type="latent",
     ).images
     torch.testing.assert_close(out.images, plain, rtol=0, atol=0)
 
@@ -454,3 +478,26 @@ def test_the_benchmark_reads_gar_variants_in_the_cli_flags_and_refuses_bad_ones(
     ):
         with pytest.raises(SystemExit, match=re.escape(message)):
             bench.gar_variant(spec_text)
+
+
+def test_the_probe_sees_no_guider_on_the_first_step_and_a_clamped_one_after(tmp_path):
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    scripts = Path(__file__).parents[1] / "scripts"
+    args = ["--edits", "1", "--steps", "4", "--variants", "--results_dir", str(tmp_path), "--threads", "1"]
+    subprocess.run(
+        [sys.executable, str(scripts / "probe_guide_and_rescale.py"), *args], check=True, capture_output=True
+    )
+    rows = json.loads((tmp_path / "guide_and_rescale_probe.json").read_text())["rows"]
+    assert set(rows) == {"inversion + CFG", "GaR local"}
+    assert rows["inversion + CFG"]["self_attention_energy_vs_cfg"] == [1.0, 1.0, 1.0]
+    gar = rows["GaR local"]
+    # The first step starts on the inverted latent, where both energies and their gradient are 0; so is the change.
+    assert gar["guider_over_cfg_norm_median"][0] == 0.0
+    assert gar["self_attention_energy_vs_cfg"][0] == pytest.approx(1.0)
+    assert gar["guider_over_cfg_norm_median"][1] > 0
+    assert gar["self_attention_energy_vs_cfg"][1] != pytest.approx(1.0)
+    assert (tmp_path / "guide_and_rescale_probe.md").read_text().startswith("# Guide-and-Rescale probe")

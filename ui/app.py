@@ -51,6 +51,7 @@ EDIT_GAR_FIELDS = (
     "rescale_upper",
     "feature_loss",
     "feature_prompt",
+    "inversion",
     "feature_layer",
     "gradient_checkpointing",
 )

@@ -5,7 +5,8 @@
 energies. The energies compare the current sample's pass with the reference pass on the inverted trajectory, both
 under the source prompt: self-attention maps (eq. 11) and features of a UNet block (eq. 12; eq. 13 with the target
 prompt's pass for stylisation). The guider's gradient is rescaled so its norm stays within [lower, upper] x the CFG
-term's norm, and only acts on the first part of the steps.
+term's norm, and only acts on the first part of the steps. ``inversion="negative-prompt"`` (the official code's
+``npinv``) runs CFG against the source prompt instead of the empty one.
 
 Where paper and official code differ, genreg follows the code: plain (not squared) L2 norms in the rescaling, and
 30 of 50 guided steps for ``local`` (kept as the fraction 0.6, so any step count works). Unlike the code, only the
@@ -37,6 +38,7 @@ logger = logging.getLogger(__name__)
 
 FEATURE_LOSSES = ("l1", "l2")
 FEATURE_PROMPTS = ("source", "target")
+INVERSIONS = ("ddim", "negative-prompt")
 
 
 @dataclass(frozen=True)
@@ -78,6 +80,15 @@ class GuideAndRescaleConfig:
         default=None,
         metadata={"help": "resolution levels compared (0 = the latent's; 1 = half; ...); leaving out 0 saves memory"},
     )
+    inversion: str = field(
+        default="ddim",
+        metadata={
+            "help": "'ddim': CFG against the empty prompt (official best configs); 'negative-prompt': negative-prompt "
+            "inversion (the official code's npinv), CFG against the source prompt, so unedited content follows the "
+            "inversion",
+            "choices": INVERSIONS,
+        },
+    )
     chunk_size: int = field(default=256, metadata={"help": "query rows per chunk of the self-attention energy"})
     gradient_checkpointing: bool = field(
         default=False, metadata={"help": "recompute UNet activations in the guider's backward to save memory"}
@@ -105,6 +116,8 @@ class GuideAndRescaleConfig:
             raise ValueError(f"unknown feature_loss {self.feature_loss!r}; choose one of {', '.join(FEATURE_LOSSES)}")
         if self.feature_prompt not in FEATURE_PROMPTS:
             raise ValueError(f"unknown feature_prompt {self.feature_prompt!r}; choose 'source' or 'target'")
+        if self.inversion not in INVERSIONS:
+            raise ValueError(f"unknown inversion {self.inversion!r}; choose one of {', '.join(INVERSIONS)}")
         if isinstance(self.chunk_size, bool) or not isinstance(self.chunk_size, int) or self.chunk_size < 1:
             raise ValueError(f"chunk_size must be a positive whole number, got {self.chunk_size!r}")
         if not self.self_attn_blocks or any(not isinstance(b, str) or not b for b in self.self_attn_blocks):
@@ -339,6 +352,8 @@ def run_edit(
     n = len(scheduler.timesteps)
     if len(trajectory) != n + 1:
         raise ValueError(f"the inverted trajectory has {len(trajectory)} latents; {n} steps need {n + 1}")
+    if config.inversion == "negative-prompt":  # NPI: the source prompt stands in for the empty one (Miyake et al.)
+        conditions = replace(conditions, uncond=conditions.source)
     guided_steps = config.guided_steps(n)
     use_attn = config.self_attn_scale > 0 and guided_steps > 0
     use_feat = config.feature_scale > 0 and guided_steps > 0

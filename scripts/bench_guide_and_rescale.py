@@ -54,6 +54,9 @@ from genreg.tinyworld.edits import (
 RESULTS = Path(__file__).resolve().parents[1] / "bench" / "results"
 BASELINE = "DDIM inversion + CFG"
 NPI_BASELINE = "negative-prompt inversion + CFG"
+# GaR with both guider scales at 0 is DDIM inversion + plain CFG exactly, against the empty prompt or, with
+# negative-prompt inversion, against the source prompt (tests/test_guide_and_rescale.py).
+NO_GUIDER = {"self_attn_scale": 0.0, "feature_scale": 0.0}
 
 
 def to_uint8(images) -> np.ndarray:
@@ -103,13 +106,9 @@ def editors(
 
         return run
 
-    # GaR with both guider scales at 0 is DDIM inversion + plain CFG exactly, against the empty prompt or, with
-    # negative-prompt inversion, against the source prompt (tests/test_guide_and_rescale.py).
-    no_guider = {"self_attn_scale": 0.0, "feature_scale": 0.0}
-
     rows = {
-        BASELINE: gar("local", no_guider | {"inversion": "ddim"}),
-        NPI_BASELINE: gar("local", no_guider | {"inversion": "negative-prompt"}),
+        BASELINE: gar("local", NO_GUIDER | {"inversion": "ddim"}),
+        NPI_BASELINE: gar("local", NO_GUIDER | {"inversion": "negative-prompt"}),
     }
     rows |= {f"SDEdit, strength {s:g}": sdedit(s) for s in args.sdedit_strengths}
     rows |= {f"GaR {p}": gar(p) for p in args.presets}

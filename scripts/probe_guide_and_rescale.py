@@ -3,13 +3,13 @@ is meant to lower.
 
     python scripts/probe_guide_and_rescale.py [--edits 12] [--steps 25] [--seed 2026] [--results_dir bench/results]
 
-For each edit (the benchmark's cases, ``genreg.tinyworld.edits``) and each row (inversion + plain CFG, GaR `local`,
-and each --variants setting), the edit runs once; on every guided step the probe records the guider's norm over the
-CFG term's norm before the rescaling clamps it, and after every step it measures, with the source prompt as GaR's
-guiders do, the self-attention energy (eq. 11, every self-attention layer) and the feature energy (eq. 12,
-``up_blocks.-1``) between the current latent and the inverted one at the same timestep. Energies are reported
-relative to the plain-CFG row (geometric mean over edits): below 1 the guider keeps the sample closer to the
-inversion than CFG alone does. Writes <results_dir>/guide_and_rescale_probe.{json,md}.
+For each edit (the benchmark's cases, ``genreg.tinyworld.edits``) and each row (inversion + plain CFG, GaR `local`, and
+each --variants setting), the edit runs once; on every guided step the probe records the guider's norm over the CFG
+term's norm before the rescaling clamps it, and after every step it measures, with the source prompt as GaR's guiders
+do, the self-attention energy (eq. 11) and the feature energy (eq. 12) on the `local` preset's layers between the
+current latent and the inverted one at the same timestep. Energies are reported relative to the plain-CFG row
+(geometric mean over edits): below 1 the guider keeps the sample closer to the inversion than CFG alone does. Writes
+<results_dir>/guide_and_rescale_probe.{json,md}.
 """
 
 from __future__ import annotations
@@ -37,12 +37,14 @@ PLAIN = "inversion + CFG"
 
 
 def energies_along(pipe, conditions, inverted, latents, timesteps) -> np.ndarray:
-    """(self-attention energy, feature energy) of each latent after step i against the inversion at timestep i + 1."""
-    unet, n = pipe.unet, len(timesteps)
+    """(self-attention energy, feature energy) of each latent after step i against the inversion at timestep i + 1,
+    on the layers the `local` preset compares."""
+    unet, n, local = pipe.unet, len(timesteps), gar.GuideAndRescaleConfig.preset("local")
     recorder = AttentionRecorder(keep="qk", grad=False)
-    layers = select_layers(unet, "self", ("down", "mid", "up"), None)
+    layers = select_layers(unet, "self", local.self_attn_blocks, local.self_attn_levels)
+    feature_module = gar._submodule(unet, local.feature_layer)
     out = []
-    with torch.no_grad(), recording(unet, layers, recorder), gar._OutputCapture(unet.up_blocks[-1]) as features:
+    with torch.no_grad(), recording(unet, layers, recorder), gar._OutputCapture(feature_module) as features:
         for i in range(n - 1):
             passes = []
             for z in (inverted[n - 1 - i], latents[i]):
@@ -105,7 +107,7 @@ def main() -> None:
         p.error("--edits must be >= 1 and --steps >= 3")
     torch.set_num_threads(args.threads)
 
-    rows = {PLAIN: {"self_attn_scale": 0.0, "feature_scale": 0.0}, "GaR local": {}}
+    rows = {PLAIN: bench.NO_GUIDER, "GaR local": {}}
     rows |= {f"GaR local {spec}": bench.gar_variant(f"local {spec}")[1] for spec in args.variants}
     pipe = load_pipeline(args.model, device="cpu")
     pipe.set_progress_bar_config(disable=True)
@@ -124,7 +126,7 @@ def main() -> None:
     results = {}
     for name in rows:
         rel = np.exp(np.log(np.stack(energies[name]) / plain).mean(0))  # geometric mean over edits
-        raw = np.array([r for r in ratios[name] if r]) if any(ratios[name]) else np.zeros((0, 0))
+        raw = np.array(ratios[name])  # (edits, guided steps); no columns for the row without a guider
         results[name] = {
             "self_attention_energy_vs_cfg": rel[:, 0].tolist(),
             "feature_energy_vs_cfg": rel[:, 1].tolist(),

@@ -5,7 +5,8 @@
 
 - evaluator: per-attribute accuracy on fresh renders (a seed the training never used), named and unnamed attributes;
 - model: prompt adherence read by the evaluator, for single- and two-object prompts, each image with its own seed,
-  at guidance 5 and at guidance 1 (no CFG);
+  at guidance 5 and at guidance 1 (no CFG); at guidance 5 also the single-object scenes with pattern and outline
+  named, and with the background named (reported per background);
 - `genreg generate`: wall time of one call (load + 25 steps) on this machine.
 """
 
@@ -24,7 +25,7 @@ import torch
 
 from genreg import load_pipeline
 from genreg.cli import DTYPES
-from genreg.tinyworld import Evaluator, render_many, sample_scene, scene_prompt
+from genreg.tinyworld import BACKGROUNDS, Evaluator, render_many, sample_scene, scene_prompt
 
 RESULTS = Path(__file__).resolve().parents[1] / "bench" / "results"
 
@@ -66,15 +67,23 @@ def main() -> None:
     pipe = load_pipeline(args.model, device=args.device, dtype=getattr(torch, args.dtype))
     pipe.set_progress_bar_config(disable=True)
     rng = random.Random(args.seed)
-    single = [scene_prompt(sample_scene(rng, 1)) for _ in range(args.single)]
+    scenes = [sample_scene(rng, 1) for _ in range(args.single)]
+    single = [scene_prompt(s) for s in scenes]
     double = [scene_prompt(sample_scene(rng, 2)) for _ in range(args.double)]
+    # The same single-object scenes with details named, and with the background named (one row per background).
+    details = [scene_prompt(s, details=True) for s in scenes]
+    by_background = {
+        bg: [scene_prompt(s, background=True) for s in scenes if s.background == bg] for bg in BACKGROUNDS
+    }
+    rows = [("single@5", single, 5.0), ("double@5", double, 5.0), ("single, details named@5", details, 5.0)]
+    rows += [(f"single, {bg} background@5", prompts, 5.0) for bg, prompts in by_background.items()]
+    rows += [("single@1", single, 1.0), ("double@1", double, 1.0)]
 
     results: dict = {"evaluator_on_renders": evaluator_accuracy(evaluator, args.renders, args.seed + 1), "model": {}}
-    for guidance in (5.0, 1.0):
-        for name, prompts in (("single", single), ("double", double)):
-            r = adherence(pipe, evaluator, prompts, guidance, args.steps, seed=args.seed * 1000)
-            results["model"][f"{name}@{guidance:g}"] = r
-            print(name, guidance, json.dumps({k: round(v, 3) for k, v in r.items()}), flush=True)
+    for key, prompts, guidance in rows:
+        r = adherence(pipe, evaluator, prompts, guidance, args.steps, seed=args.seed * 1000)
+        results["model"][key] = r
+        print(key, json.dumps({k: round(v, 3) for k, v in r.items()}), flush=True)
 
     start = time.perf_counter()
     cmd = [
@@ -121,12 +130,17 @@ def main() -> None:
         "",
         f"## {model_name}, {args.steps} DDIM steps, one seed per image",
         "",
-        "| prompts | guidance | n | shape | color | size | position | count | all correct | seconds |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "Each column reads only what the prompts name: pattern and outline in the details row, the background in the"
+        " background rows.",
+        "",
+        "| prompts | guidance | n | shape | color | size | position | pattern | outline | background | count"
+        " | all correct | seconds |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
+    columns = ("shape", "color", "size", "position", "pattern", "outline", "background", "count", "all_correct")
     for key, r in results["model"].items():
         name, guidance = key.split("@")
-        cols = " | ".join(f"{r[k]:.3f}" for k in ("shape", "color", "size", "position", "count", "all_correct"))
+        cols = " | ".join(f"{r[k]:.3f}" if k in r else "-" for k in columns)
         lines.append(f"| {name} | {guidance} | {r['n']} | {cols} | {r['seconds']:.0f} |")
     lines += [
         "",

@@ -43,6 +43,18 @@ def test_score_against_prompts(evaluator, renders):
     assert bad["shape"] >= 0.95  # only colour changed
 
 
+def test_details_are_scored_only_where_the_prompt_names_them(evaluator, renders):
+    images, scenes = renders
+    plain = evaluator.score(images, [scene_prompt(s) for s in scenes])
+    assert "pattern" not in plain and "outline" not in plain
+    named = evaluator.score(images, [scene_prompt(s, details=True) for s in scenes])
+    assert named["pattern"] >= 0.97 and named["outline"] >= 0.97 and named["all_correct"] >= 0.9
+    flip = {"striped": "dotted", "dotted": "striped", "solid": "checkered", "checkered": "solid"}
+    wrong = [" ".join(flip.get(w, w) for w in scene_prompt(s, details=True).split()) for s in scenes]
+    bad = evaluator.score(images, wrong)
+    assert bad["pattern"] <= 0.03 and bad["outline"] == named["outline"] and bad["all_correct"] <= 0.03
+
+
 def test_prompts_without_positions_match_the_best_object(evaluator):
     image, _ = render(Scene((Obj("star", "red", "large", "left"), Obj("circle", "blue", "small", "bottom"))))
     assert evaluator.score([image], ["a blue circle and a red star"])["all_correct"] == 1.0

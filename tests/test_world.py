@@ -35,7 +35,7 @@ def test_sample_scene_is_seeded_and_holds_out_values():
     assert "moon" in full
 
 
-def test_pattern_and_outline_change_pixels_but_never_reach_captions():
+def test_pattern_and_outline_change_pixels_and_reach_captions_only_when_asked():
     base = Obj("square", "green", "large", "center")
     plain, _ = render(Scene((base,)))
     for variant in (
@@ -47,14 +47,30 @@ def test_pattern_and_outline_change_pixels_but_never_reach_captions():
     rng = random.Random(1)
     for _ in range(300):
         text = caption(sample_scene(rng), rng)
-        assert not any(w in text for w in ("striped", "dotted", "checkered", "outlined", "solid"))
+        assert not any(w in text.split() for w in ("striped", "dotted", "checkered", "outlined", "solid", "plain"))
+    named = [caption(sample_scene(rng), rng, detail_p=0.5) for _ in range(400)]
+    share = np.mean([any(w in t.split() for w in ("striped", "dotted", "solid")) for t in named])
+    assert 0.4 < share < 0.9  # one or two objects, each named with probability 0.5
+    assert not any("checkered" in t for t in named)  # held out: never seen, never named
+    with pytest.raises(ValueError, match="detail_p"):
+        caption(sample_scene(rng), rng, detail_p=1.5)
+
+
+def test_captions_without_details_are_the_first_models_captions():
+    """detail_p=0 draws nothing extra, so a seed gives the captions the first bundled model was trained on."""
+    rng = random.Random(4)
+    assert [caption(sample_scene(random.Random(k)), rng) for k in range(3)] == [
+        "a small blue diamond on the left and a large orange triangle at the bottom",
+        "a blue circle in the middle",
+        "a small circle on the left",
+    ]
 
 
 def test_captions_parse_back_to_the_scene():
     rng = random.Random(2)
-    for _ in range(300):
+    for k in range(300):
         scene = sample_scene(rng)
-        spec = parse_prompt(caption(scene, rng))
+        spec = parse_prompt(caption(scene, rng, detail_p=0.5 * (k % 2)))
         assert len(spec.objects) == len(scene.objects)
         by_shape_and_pos = {(o.shape, o.position): o for o in scene.objects}
         for want in spec.objects:
@@ -78,6 +94,27 @@ def test_parse_prompt_reads_typed_phrasings():
         "color",
         "size",
         "position",
+    }
+    detailed = parse_prompt("a large plain striped red circle on the left and an outlined solid blue star")
+    assert detailed.objects == [
+        {
+            "shape": "circle",
+            "color": "red",
+            "size": "large",
+            "pattern": "striped",
+            "outline": "none",
+            "position": "left",
+        },
+        {"shape": "star", "color": "blue", "pattern": "solid", "outline": "outlined"},
+    ]
+    scene = Scene((Obj("moon", "cyan", "small", "top", "checkered", "outlined"),))
+    assert parse_prompt(scene_prompt(scene, details=True)).objects[0] == {
+        "shape": "moon",
+        "color": "cyan",
+        "size": "small",
+        "pattern": "checkered",
+        "outline": "outlined",
+        "position": "top",
     }
     with pytest.raises(ValueError, match="names no tiny-world shape"):
         parse_prompt("a cat on a sofa")
@@ -136,8 +173,13 @@ def test_bundled_tokenizer_is_the_one_build_tokenizer_makes():
     from genreg.tinyworld import model_path
     from genreg.tinyworld.architecture import build_tokenizer
 
-    bundled = CLIPTokenizer.from_pretrained(model_path() / "tokenizer")
-    assert bundled.get_vocab() == build_tokenizer().get_vocab()
+    bundled, built = (
+        CLIPTokenizer.from_pretrained(model_path() / "tokenizer").get_vocab(),
+        build_tokenizer().get_vocab(),
+    )
+    # Words added to the world since the bundled model was trained are appended: every id it knows is unchanged.
+    assert {k: built[k] for k in bundled} == bundled
+    assert min((i for k, i in built.items() if k not in bundled), default=len(bundled)) >= len(bundled)
 
 
 def test_tokenizer_padded_to_a_vocabulary_size_keeps_every_id():

@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from .render import IMAGE_SIZE
-from .world import BACKGROUNDS, NAMED_ATTRIBUTES, OBJECT_ATTRIBUTES, POSITIONS, Scene, parse_prompt
+from .world import BACKGROUNDS, OBJECT_ATTRIBUTES, POSITIONS, Scene, parse_prompt
 
 SLOT_ATTRIBUTES = ("shape", "color", "size", "pattern", "outline")  # position is the slot itself
 _HEAD_SIZES = [1] + [len(OBJECT_ATTRIBUTES[a]) for a in SLOT_ATTRIBUTES]
@@ -152,13 +152,14 @@ class Evaluator:
     def score(self, images, prompts: list[str]) -> dict[str, float]:
         """Accuracy of generated ``images`` against the ``prompts`` that produced them.
 
-        Per attribute: the fraction of (object, attribute) pairs the prompts name that the image shows; ``count``:
-        the image holds as many objects as the prompt names; ``all_correct``: every named attribute and the count.
+        Per attribute: the fraction of (object, attribute) pairs the prompts name that the image shows (pattern and
+        outline only where named); ``count``: the image holds as many objects as the prompt names; ``all_correct``:
+        every named attribute and the count.
         """
         readings = self.read(images)
         if len(readings) != len(prompts):
             raise ValueError(f"got {len(readings)} images for {len(prompts)} prompts")
-        hits: dict[str, list[bool]] = {name: [] for name in (*NAMED_ATTRIBUTES, "background", "count", "all_correct")}
+        hits: dict[str, list[bool]] = {name: [] for name in (*OBJECT_ATTRIBUTES, "background", "count", "all_correct")}
         for reading, prompt in zip(readings, prompts, strict=True):
             ok = match_prompt(reading, prompt)
             for name, values in ok.items():

@@ -1,10 +1,12 @@
 """The Tiny World's vocabulary: objects, scenes, captions, and prompt parsing.
 
 A scene holds one or two objects on a plain background. Each object has four attributes that captions
-name (shape, colour, size, position) and two that captions never name (fill pattern, outline), so a
-specific object cannot be summoned by words alone. Some values are *held out* of the base model's
-training set (``HELD_OUT``): the bundled model has never seen them, which gives fine-tuning,
-unlearning and memorization tasks something genuinely new to learn.
+usually name (shape, colour, size, position) and two *detail* attributes (fill pattern, outline) that a
+share of captions names ("a striped red circle", "an outlined ...", "solid" and "plain" for the
+defaults) and the others leave to the model, as a person's prompt leaves a photo's details unsaid.
+Some values are *held out* of the base model's training set (``HELD_OUT``): the bundled model has
+never seen them and no caption names them, which gives fine-tuning, unlearning and memorization tasks
+something genuinely new to learn.
 """
 
 from __future__ import annotations
@@ -39,7 +41,12 @@ OBJECT_ATTRIBUTES: dict[str, tuple[str, ...]] = {
     "outline": OUTLINES,
 }
 NAMED_ATTRIBUTES = ("shape", "color", "size", "position")
-UNNAMED_ATTRIBUTES = ("pattern", "outline")
+DETAIL_ATTRIBUTES = ("pattern", "outline")  # named by a share of captions only (``caption(detail_p=...)``)
+# The word a caption uses for each detail value (the defaults are named too, so "named" can mean "solid").
+DETAIL_WORDS: dict[str, dict[str, str]] = {
+    "pattern": {p: p for p in ("solid", "striped", "dotted", "checkered")},
+    "outline": {"none": "plain", "outlined": "outlined"},
+}
 
 # Values the base model never sees in training. Renderer and evaluator know them.
 HELD_OUT: dict[str, tuple[str, ...]] = {"shape": ("moon",), "color": ("cyan",), "pattern": ("checkered",)}
@@ -124,32 +131,47 @@ def _article(word: str) -> str:
     return "an" if word[0] in "aeiou" else "a"
 
 
-def object_phrase(obj: Obj, size: bool = True, color: bool = True) -> str:
-    words = ([obj.size] if size else []) + ([obj.color] if color else []) + [obj.shape]
+def object_phrase(
+    obj: Obj, size: bool = True, color: bool = True, pattern: bool = False, outline: bool = False
+) -> str:
+    """ "a large outlined striped red circle": the chosen attributes in a fixed order."""
+    words = [obj.size] if size else []
+    words += [DETAIL_WORDS["outline"][obj.outline]] if outline else []
+    words += [DETAIL_WORDS["pattern"][obj.pattern]] if pattern else []
+    words += ([obj.color] if color else []) + [obj.shape]
     return f"{_article(words[0])} {' '.join(words)}"
 
 
-def scene_prompt(scene: Scene, background: bool = False) -> str:
-    """The canonical prompt naming every named attribute of every object (the evaluation phrasing)."""
-    parts = [f"{object_phrase(o)} {POSITION_PHRASES[o.position][0]}" for o in scene.objects]
+def scene_prompt(scene: Scene, background: bool = False, details: bool = False) -> str:
+    """The canonical prompt naming every named attribute of every object (the evaluation phrasing); ``details``
+    also names each object's pattern and outline."""
+    parts = [
+        f"{object_phrase(o, pattern=details, outline=details)} {POSITION_PHRASES[o.position][0]}"
+        for o in scene.objects
+    ]
     text = " and ".join(parts)
     return f"{text} on a {scene.background} background" if background else text
 
 
-def caption(scene: Scene, rng: random.Random, background_p: float = 0.45) -> str:
+def caption(scene: Scene, rng: random.Random, background_p: float = 0.45, detail_p: float = 0.0) -> str:
     """A random caption of ``scene`` from several templates; some named attributes may be left out.
 
-    ``background_p`` is the share of captions that name the background.
+    ``background_p`` is the share of captions that name the background; ``detail_p`` the share of objects whose
+    pattern is named, and, drawn apart, whose outline is (0: never, the first bundled model's captions).
 
     Training captions vary so that phrasings a person types ("a red circle on the left", "a small blue
-    square at the top", "a large green star, black background") all work. Pattern and outline are never named.
+    square at the top", "a large green star, black background", "a striped red circle") all work.
     """
-    if not 0.0 <= background_p <= 1.0:
-        raise ValueError(f"background_p is a share of captions, between 0 and 1; got {background_p}")
+    for name, share in (("background_p", background_p), ("detail_p", detail_p)):
+        if not 0.0 <= share <= 1.0:
+            raise ValueError(f"{name} is a share of captions, between 0 and 1; got {share}")
     two = len(scene.objects) == 2
     parts = []
     for o in scene.objects:
-        phrase = object_phrase(o, size=rng.random() < 0.7, color=rng.random() < 0.9)
+        size, color = rng.random() < 0.7, rng.random() < 0.9
+        # No draw when details are never named: the same seed then gives the first model's captions exactly.
+        pattern, outline = (rng.random() < detail_p, rng.random() < detail_p) if detail_p > 0 else (False, False)
+        phrase = object_phrase(o, size=size, color=color, pattern=pattern, outline=outline)
         if two or rng.random() < 0.85:
             phrase += " " + rng.choice(POSITION_PHRASES[o.position])
         parts.append(phrase)
@@ -182,7 +204,8 @@ class PromptSpec:
 
 
 def parse_prompt(prompt: str) -> PromptSpec:
-    """Reads the named attributes out of a tiny-world prompt; raises ValueError when it names no object."""
+    """Reads the named attributes (details too) out of a tiny-world prompt; raises ValueError when it names no
+    object."""
     text = prompt.lower()
     spec = PromptSpec()
     bg = _BACKGROUND_PATTERN.search(text)
@@ -196,6 +219,10 @@ def parse_prompt(prompt: str) -> PromptSpec:
             hits = [w for w in words if w in OBJECT_ATTRIBUTES[name]]
             if hits:
                 found[name] = hits[0]
+        for name, by_value in DETAIL_WORDS.items():
+            hits = [value for w in words for value, word in by_value.items() if w == word]
+            if hits:
+                found[name] = hits[0]
         pos = _POSITION_PATTERN.search(chunk)
         if pos:
             found["position"] = "center" if pos.group(1) == "middle" else pos.group(1)
@@ -206,11 +233,16 @@ def parse_prompt(prompt: str) -> PromptSpec:
     return spec
 
 
+# Words added to the world after the first bundled model; the tokenizer appends them, so no earlier id changes.
+VOCABULARY_ADDITIONS = ("plain",)
+
+
 def vocabulary() -> list[str]:
-    """Every word the world's captions use (the tokenizer makes each a single token)."""
+    """Every word the world's captions use (the tokenizer makes each a single token): the first model's words in
+    sorted order, then ``VOCABULARY_ADDITIONS``."""
     words = {"a", "an", "and", "of", "image", "the", "on", "at", "in", "background", "middle"}
     for values in (*OBJECT_ATTRIBUTES.values(), BACKGROUNDS):
         words.update(values)
     # Common words a person might add; single tokens keep their prompts short.
     words.update("photo picture drawing with object shape color colour big tiny".split())
-    return sorted(words)
+    return sorted(words) + list(VOCABULARY_ADDITIONS)

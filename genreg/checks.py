@@ -13,6 +13,10 @@ def require_prompts(prompts: str | list[str], name: str = "prompt") -> list[str]
     for i, p in enumerate(items):
         if not isinstance(p, str):
             raise ValueError(f"{name} {i} is a {type(p).__name__}, not text")
+        try:
+            p.encode("utf-8")
+        except UnicodeEncodeError as err:  # e.g. undecodable bytes on a command line
+            raise ValueError(f"{name} {i} is not valid text (UTF-8): {err.reason} at character {err.start}") from None
         if not p.strip():
             raise ValueError(f"{name} {i} is empty: describe what to generate, e.g. 'a red circle on the left'")
     return items
@@ -25,6 +29,19 @@ def require_positive_int(name: str, value: int) -> int:
 
 
 def require_nonnegative(name: str, value: float) -> float:
-    if not isinstance(value, (int, float)) or math.isnan(value) or value < 0:
-        raise ValueError(f"{name} must be a number >= 0, got {value!r}")
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
     return float(value)
+
+
+def require_seed(value: int, name: str = "seed") -> int:
+    """A whole number a torch generator takes: 0 <= seed < 2**63."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 2**63:
+        raise ValueError(f"{name} must be a whole number from 0 to 2**63 - 1, got {value!r}")
+    return value
+
+
+def require_choice(name: str, value: str, choices: tuple[str, ...]) -> str:
+    if value not in choices:
+        raise ValueError(f"{name} {value!r} is unknown; choose one of {', '.join(choices)}")
+    return value

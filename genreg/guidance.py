@@ -1,4 +1,5 @@
-"""Classifier-free guidance and its training-free speed-ups behind one small protocol.
+"""The guidance protocol: classifier-free guidance and the policies that speed it up, run inside any diffusers
+text-to-image pipeline.
 
 A policy decides, step by step and sample by sample, whether the unconditional branch is evaluated (``plan``), and
 what stands in for it (``uncond``): the pipeline's own CFG line ``u + s (c - u)`` then makes the guided prediction,
@@ -6,34 +7,24 @@ so with ``u = c`` a step is conditional-only, exactly. ``guided(unet, policy, sc
 diffusers model hook for the length of one pipeline call: the UNet then runs only on the rows the policy asks for,
 so a skipped branch costs nothing, and every stock text-to-image pipeline (SD 1.x/2.x, SDXL) gains the policy.
 
-- ``CFG``: Ho & Salimans (2022), eps = eps_u + s (eps_c - eps_u), both branches at every step.
-- ``AdaptiveGuidance``: Castillo et al. (2023, arXiv 2312.12487): CFG until gamma_t = cos(eps_c, eps_u) >= gamma_bar,
-  conditional only afterwards.
-- ``LinearAG``: same paper: on alternate steps of the first part the unconditional estimate is an affine
-  combination of past estimates, with per-step least-squares coefficients (``LinearAGFitter``, ``calibrate``).
-
-AG has no official code. Where the paper is silent genreg follows its research notes: CFG is still applied on the
-step where gamma_t crosses gamma_bar; the cosine is measured in x0 space by default (in epsilon space it starts near
-1 at high noise, so a threshold there ends guidance at once); LinearAG regresses the current conditional and the
-previous step's two predictions, with no intercept, on alternate steps of the first half.
+Here live the protocol, the hook and the baselines: ``CFG`` (Ho & Salimans, 2022: eps = eps_u + s (eps_c - eps_u),
+both branches at every step), ``Conditional`` and ``FixedCutoff``. Methods bring their own policies (Adaptive
+Guidance and LinearAG: ``genreg.methods.adaptive_guidance``).
 """
 
 from __future__ import annotations
 
 import inspect
-import json
-import os
 from collections.abc import Callable
 from contextlib import contextmanager
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Protocol
 
 import torch
 from diffusers.hooks import HookRegistry, ModelHook
 from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
 
-SPACES = ("epsilon", "x0", "v")
+from .sd import to_space
 
 
 @dataclass
@@ -58,24 +49,8 @@ class Guidance(Protocol):
         """What takes the unconditional prediction's place (B, ...), given ``cond`` (B, ...) and the evaluated
         ``uncond`` (mask.sum(), ...)."""
 
-
-def to_space(pred: torch.Tensor, x_t: torch.Tensor, alpha_bar: torch.Tensor, prediction_type: str, space: str):
-    """Converts a network prediction (epsilon or v) at x_t into the epsilon, x0 or v parameterisation."""
-    a, s = alpha_bar.sqrt().to(pred), (1 - alpha_bar).sqrt().to(pred)
-    if prediction_type == "epsilon":
-        eps = pred
-    elif prediction_type == "v_prediction":
-        eps = a * pred + s * x_t
-    else:
-        raise ValueError(f"prediction_type {prediction_type!r} is not supported; use 'epsilon' or 'v_prediction'")
-    if space == "epsilon":
-        return eps
-    x0 = (x_t - s * eps) / a
-    if space == "x0":
-        return x0
-    if space == "v":
-        return a * eps - s * x0
-    raise ValueError(f"unknown space {space!r}; choose one of {', '.join(SPACES)}")
+    # Optional: ``check_sampling(scheduler, guidance_scale)``, called once the scheduler's timesteps are set and
+    # before any step, refuses sampling settings the policy was not made for (LinearAG's fitted coefficients).
 
 
 def guidance_cosine(cond, uncond, x_t, alpha_bar, prediction_type: str, space: str) -> torch.Tensor:
@@ -129,204 +104,8 @@ class FixedCutoff:
         return uncond if step.index < self.cfg_steps else cond
 
 
-@dataclass
-class AdaptiveGuidance:
-    """AG: CFG while gamma_t < gamma_bar; the step where gamma_t first reaches gamma_bar still gets CFG, and from the
-    next step that sample is conditional-only. Each sample switches on its own; the batch of the unconditional branch
-    shrinks to the samples that still need it.
-
-    Args:
-        gamma_bar: cosine threshold; > 1 never switches (plain CFG).
-        space: where the cosine is measured ("epsilon", "x0" or "v"); in epsilon space it starts near 1.
-        min_cfg_steps: steps that always get CFG, whatever gamma_t says.
-    """
-
-    gamma_bar: float = 0.99
-    space: str = "x0"
-    min_cfg_steps: int = 1
-    gammas: list[torch.Tensor] = field(default_factory=list, init=False, repr=False)
-
-    def __post_init__(self):
-        if self.space not in SPACES:
-            raise ValueError(f"unknown space {self.space!r}; choose one of {', '.join(SPACES)}")
-        if self.min_cfg_steps < 0:
-            raise ValueError(f"min_cfg_steps must be >= 0, got {self.min_cfg_steps}")
-
-    def reset(self, batch_size: int, num_steps: int) -> None:
-        self.switched = torch.zeros(batch_size, dtype=torch.bool)
-        self.gammas = []
-
-    def plan(self, step: Step) -> torch.Tensor:
-        return ~self.switched if step.index >= self.min_cfg_steps else torch.ones_like(self.switched)
-
-    def uncond(self, step: Step, cond, uncond, mask):
-        gamma = torch.full((len(mask),), float("nan"))
-        out = cond.clone()
-        if mask.any():
-            rows = mask.to(cond.device)
-            out[rows] = uncond
-            x_t = step.latents[rows]
-            gamma[mask] = guidance_cosine(
-                cond[rows], uncond, x_t, step.alpha_bar, step.prediction_type, self.space
-            ).cpu()
-            if step.index + 1 >= self.min_cfg_steps:
-                self.switched |= gamma >= self.gamma_bar  # NaN (not evaluated) compares False
-        self.gammas.append(gamma)
-        return out
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# LinearAG
-
-
-LINEAR_AG_FEATURES = ("cond", "prev_cond", "prev_uncond")
-
-
-@dataclass
-class LinearAGCoefficients:
-    """Per-step least-squares coefficients of u(t_i) ~ b0 c(t_i) + b1 c(t_{i-1}) + b2 u(t_{i-1}), where c and u are
-    the network's conditional and unconditional predictions, with the sampling settings they were fitted for."""
-
-    coefficients: dict[int, list[float]]  # step index -> one coefficient per LINEAR_AG_FEATURES
-    settings: dict  # scheduler class, timesteps, prediction type, guidance scale, linear_until
-
-    def check(self, settings: dict) -> None:
-        """Refuses to be used with other sampling settings than those fitted for."""
-
-        def show(v):
-            return f"{len(v)} steps {v[:2]}...{v[-1:]}" if isinstance(v, list) and len(v) > 3 else repr(v)
-
-        for key, value in self.settings.items():
-            if settings.get(key) != value:
-                raise ValueError(
-                    f"LinearAG coefficients were fitted for {key}={show(value)} but sampling uses "
-                    f"{key}={show(settings.get(key))}; recalibrate for these settings with "
-                    "scripts/calibrate_adaptive_guidance.py"
-                )
-
-    def save(self, path: str | os.PathLike) -> Path:
-        path = Path(path)
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(
-            json.dumps(
-                {
-                    "features": LINEAR_AG_FEATURES,
-                    "settings": self.settings,
-                    "coefficients": {str(k): v for k, v in self.coefficients.items()},
-                },
-                indent=1,
-            )
-        )
-        os.replace(tmp, path)
-        return path
-
-    @classmethod
-    def load(cls, path: str | os.PathLike) -> LinearAGCoefficients:
-        data = json.loads(Path(path).read_text())
-        if tuple(data.get("features", ())) != LINEAR_AG_FEATURES:
-            raise ValueError(
-                f"{path} holds coefficients for features {data.get('features')}, not {LINEAR_AG_FEATURES}"
-            )
-        return cls({int(k): v for k, v in data["coefficients"].items()}, data["settings"])
-
-
-def linear_ag_estimated_steps(num_steps: int, linear_until: float) -> list[int]:
-    """Steps whose unconditional estimate is regressed: every second step of the first ``linear_until`` part."""
-    return [i for i in range(1, num_steps) if i < linear_until * num_steps and i % 2 == 1]
-
-
-def linear_ag_cfg_steps(num_steps: int, linear_until: float) -> list[int]:
-    return [i for i in range(num_steps) if i < linear_until * num_steps and i % 2 == 0]
-
-
-class LinearAGFitter:
-    """Accumulates the normal equations of the per-step regressions from CFG trajectories (no trajectory is stored)."""
-
-    def __init__(self, num_steps: int, linear_until: float):
-        self.steps = linear_ag_estimated_steps(num_steps, linear_until)
-        k = len(LINEAR_AG_FEATURES)
-        self.xtx = {i: torch.zeros(k, k, dtype=torch.float64) for i in self.steps}
-        self.xty = {i: torch.zeros(k, dtype=torch.float64) for i in self.steps}
-        self.prev: tuple[torch.Tensor, torch.Tensor] | None = None
-
-    def observe(self, index: int, cond: torch.Tensor, uncond: torch.Tensor) -> None:
-        """Record one CFG step's epsilon predictions (the same batch, in order, at every step)."""
-        if index in self.xtx and self.prev is not None:
-            x = torch.stack([cond.flatten(), self.prev[0].flatten(), self.prev[1].flatten()], dim=1).double()
-            self.xtx[index] += (x.T @ x).cpu()
-            self.xty[index] += (x.T @ uncond.flatten().double()).cpu()
-        self.prev = (cond, uncond)
-
-    def fit(self, settings: dict) -> LinearAGCoefficients:
-        coefficients = {i: torch.linalg.solve(self.xtx[i], self.xty[i]).tolist() for i in self.steps}
-        return LinearAGCoefficients(coefficients, settings)
-
-
-@dataclass
-class LinearAG:
-    """LinearAG: in the first ``linear_until`` part of sampling, even steps run CFG and odd steps replace the
-    unconditional pass by the fitted affine combination of past estimates; afterwards conditional only."""
-
-    coefficients: LinearAGCoefficients
-    linear_until: float = 0.5
-
-    def reset(self, batch_size: int, num_steps: int) -> None:
-        self.batch_size, self.num_steps = batch_size, num_steps
-        self.cfg_steps = set(linear_ag_cfg_steps(num_steps, self.linear_until))
-        self.estimated = set(linear_ag_estimated_steps(num_steps, self.linear_until))
-        self.prev = None
-
-    def plan(self, step: Step) -> torch.Tensor:
-        return torch.full((self.batch_size,), step.index in self.cfg_steps, dtype=torch.bool)
-
-    def uncond(self, step: Step, cond, uncond, mask):
-        if step.index in self.cfg_steps:
-            self.prev = (cond, uncond)
-            return uncond
-        if step.index in self.estimated:
-            b = self.coefficients.coefficients[step.index]
-            return b[0] * cond + b[1] * self.prev[0] + b[2] * self.prev[1]
-        return cond
-
-
 # ---------------------------------------------------------------------------------------------------------------------
 # Running a policy inside any diffusers text-to-image pipeline
-
-
-def make_guidance(
-    kind: str,
-    gamma_bar: float = 0.99,
-    space: str = "x0",
-    min_cfg_steps: int = 1,
-    coefficients: LinearAGCoefficients | str | os.PathLike | None = None,
-    linear_until: float = 0.5,
-) -> Guidance:
-    """Builds a policy by name: ``"cfg"``, ``"ag"`` or ``"linear_ag"`` (which needs fitted ``coefficients``)."""
-    if kind == "cfg":
-        return CFG()
-    if kind == "ag":
-        return AdaptiveGuidance(gamma_bar=gamma_bar, space=space, min_cfg_steps=min_cfg_steps)
-    if kind == "linear_ag":
-        if coefficients is None:
-            raise ValueError(
-                "guidance='linear_ag' needs linear_ag_coefficients: fit them with "
-                "scripts/calibrate_adaptive_guidance.py"
-            )
-        if not isinstance(coefficients, LinearAGCoefficients):
-            coefficients = LinearAGCoefficients.load(coefficients)
-        return LinearAG(coefficients, linear_until=linear_until)
-    raise ValueError(f"unknown guidance {kind!r}; choose 'cfg', 'ag' or 'linear_ag'")
-
-
-def sampling_settings(scheduler, guidance_scale: float, linear_until: float) -> dict:
-    """The settings LinearAG coefficients are valid for (read after ``scheduler.set_timesteps``)."""
-    return {
-        "scheduler": type(scheduler).__name__,
-        "timesteps": [int(t) for t in scheduler.timesteps],
-        "prediction_type": scheduler.config.get("prediction_type", "epsilon"),
-        "guidance_scale": float(guidance_scale),
-        "linear_until": float(linear_until),
-    }
 
 
 class GuidanceHook(ModelHook):
@@ -356,9 +135,11 @@ class GuidanceHook(ModelHook):
         mask = self.policy.plan(step)
         rows = torch.cat([mask.nonzero().flatten(), self.batch + torch.arange(self.batch)]).to(sample.device)
 
-        def pick(value):
+        def pick(value):  # every per-sample input: tensors, and those inside dicts, lists and tuples
             if isinstance(value, dict):
                 return {k: pick(v) for k, v in value.items()}
+            if isinstance(value, (list, tuple)):  # IP-Adapter image embeddings, ControlNet residuals
+                return type(value)(pick(v) for v in value)
             if torch.is_tensor(value) and value.ndim > 0 and len(value) == 2 * self.batch:
                 return value[rows.to(value.device)]
             return value
@@ -391,23 +172,6 @@ def guided(unet, policy: Guidance, scheduler, batch_size: int):
         registry.remove_hook("genreg_guidance", recurse=False)
 
 
-class CalibrationRecorder(CFG):
-    """Plain CFG that records gamma_t (in every space) and feeds a LinearAG fitter: the calibration run's policy."""
-
-    def __init__(self, fitter: LinearAGFitter | None = None):
-        self.fitter = fitter
-        self.gammas: dict[str, list[torch.Tensor]] = {space: [] for space in SPACES}
-
-    def uncond(self, step: Step, cond, uncond, mask):
-        for space, values in self.gammas.items():
-            values.append(
-                guidance_cosine(cond, uncond, step.latents, step.alpha_bar, step.prediction_type, space).cpu()
-            )
-        if self.fitter is not None:
-            self.fitter.observe(step.index, cond, uncond)
-        return uncond
-
-
 def stock_call(pipe) -> Callable:
     """The diffusers ``__call__`` of ``pipe``'s class, bound to ``pipe``, skipping any genreg mixin above it."""
     for cls in type(pipe).__mro__:
@@ -422,7 +186,7 @@ def guided_call(
     """Calls a stock text-to-image pipeline's ``__call__`` (``call``) under ``policy``.
 
     Returns the pipeline's output (``return_dict=True``), the NFE of each image, and AG's gamma_t per step and image
-    (NaN where not measured) or None. LinearAG coefficients are checked against the sampling settings first.
+    (NaN where not measured) or None. A policy's ``check_sampling`` runs first.
     """
     defaults = inspect.signature(call).parameters
 
@@ -436,64 +200,14 @@ def guided_call(
     else:
         raise ValueError("pass a prompt (or prompt_embeds)")
     batch *= arg("num_images_per_prompt") or 1
-    if isinstance(policy, LinearAG):
+    check = getattr(policy, "check_sampling", None)
+    if check is not None:
         from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import retrieve_timesteps
 
         retrieve_timesteps(pipe.scheduler, arg("num_inference_steps"), "cpu", arg("timesteps"), arg("sigmas"))
-        policy.coefficients.check(sampling_settings(pipe.scheduler, arg("guidance_scale"), policy.linear_until))
+        check(pipe.scheduler, arg("guidance_scale"))
     with guided(pipe.unet, policy, pipe.scheduler, batch) as hook:
         out = call(prompt, **(kwargs | {"return_dict": True}))
     gammas = getattr(policy, "gammas", None)
     gammas = torch.stack(gammas) if isinstance(gammas, list) and gammas else None
     return out, hook.nfe.tolist(), gammas
-
-
-def switch_nfe(gammas: torch.Tensor, gamma_bar: float, min_cfg_steps: int = 1) -> torch.Tensor:
-    """AG's NFE per sample, from gamma_t recorded under full CFG (steps, samples): AG follows the CFG trajectory
-    exactly until it switches, so this is what AG will spend on the same prompts and seeds."""
-    steps = len(gammas)
-    crossed = gammas >= gamma_bar
-    crossed[: max(0, min_cfg_steps - 1)] = False
-    first = torch.where(crossed.any(0), crossed.float().argmax(0), torch.full((gammas.shape[1],), steps))
-    return torch.where(first < steps, steps + first + 1, torch.full_like(first, 2 * steps))
-
-
-def gamma_bar_for_nfe(gammas: torch.Tensor, target_nfe: float, min_cfg_steps: int = 1) -> float:
-    """The largest gamma_bar whose mean NFE (``switch_nfe``) stays within ``target_nfe``."""
-    for candidate in torch.unique(gammas[torch.isfinite(gammas)]).flip(0).tolist():
-        if switch_nfe(gammas, candidate, min_cfg_steps).float().mean() <= target_nfe:
-            return candidate
-    return float("-inf")
-
-
-def calibrate(
-    pipe,
-    prompts: list[str],
-    num_inference_steps: int,
-    guidance_scale: float,
-    linear_until: float = 0.5,
-    seed: int = 0,
-    batch_size: int = 50,
-) -> tuple[dict[str, torch.Tensor], LinearAGCoefficients]:
-    """Runs CFG over ``prompts`` (image k seeded with seed + k); returns gamma_t (steps, prompts) per space and the
-    LinearAG coefficients fitted on the same trajectories."""
-    fitter = LinearAGFitter(num_inference_steps, linear_until)
-    gammas: dict[str, list[torch.Tensor]] = {space: [] for space in SPACES}
-    for i in range(0, len(prompts), batch_size):
-        recorder = CalibrationRecorder(fitter)
-        chunk = prompts[i : i + batch_size]
-        generator = [torch.Generator().manual_seed(seed + i + k) for k in range(len(chunk))]
-        guided_call(
-            stock_call(pipe),
-            pipe,
-            recorder,
-            chunk,
-            num_inference_steps=num_inference_steps,
-            guidance_scale=guidance_scale,
-            generator=generator,
-            output_type="latent",
-        )
-        for space in SPACES:
-            gammas[space].append(torch.stack(recorder.gammas[space]))
-    settings = sampling_settings(pipe.scheduler, guidance_scale, linear_until)
-    return {space: torch.cat(g, dim=1) for space, g in gammas.items()}, fitter.fit(settings)

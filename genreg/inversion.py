@@ -15,7 +15,7 @@ from collections.abc import Callable
 import torch
 from diffusers import DDIMScheduler
 
-from .guidance import to_space
+from .sd import to_space
 
 Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 

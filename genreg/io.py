@@ -1,12 +1,39 @@
-"""Small image I/O helpers shared by the CLI, scripts and the app."""
+"""Small file helpers shared by the library, the CLI, scripts and the app: atomic writes and image I/O."""
 
 from __future__ import annotations
 
 import math
 import os
+import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[Path], object]) -> Path:
+    """Calls ``write(tmp)`` to write a file or directory beside ``path``, then renames it into place: ``path`` is
+    either its old self or complete, never half-written. A failed write leaves no temporary behind."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)  # left by a process that was killed while writing
+    tmp.unlink(missing_ok=True)
+    try:
+        write(tmp)
+        if path.is_dir() and tmp.is_dir():
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+    finally:
+        if tmp.is_dir():
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            tmp.unlink(missing_ok=True)
+    return path
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    return atomic_write(path, lambda tmp: tmp.write_text(text))
 
 
 def load_image(path: str | os.PathLike) -> Image.Image:
@@ -34,11 +61,28 @@ def image_grid(images: list[Image.Image], cols: int | None = None) -> Image.Imag
     return grid
 
 
+def check_output_path(path: str | os.PathLike, overwrite_of: str | os.PathLike | None = None) -> Path:
+    """Refuses, before any work, an output image path that cannot be written: a folder, an unknown extension, a
+    folder that cannot be created or written, or (``overwrite_of``) the input file itself."""
+    from PIL import Image
+
+    path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"output {path} is a folder; name an image file in it, e.g. {path / 'out.png'}")
+    extension = path.suffix.lower()
+    if extension not in Image.registered_extensions():
+        raise ValueError(f"output {path} has no image extension PIL writes ({extension or 'none'}); use .png or .jpg")
+    if overwrite_of is not None and path.resolve() == Path(overwrite_of).resolve():
+        raise ValueError(f"output {path} is the input image: the edit would overwrite it; choose another --out")
+    parent = path.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not os.access(parent, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        raise ValueError(f"output {path} cannot be written here (permission denied); choose another --out")
+    return path
+
+
 def save_image(image: Image.Image, path: str | os.PathLike) -> Path:
     """Saves atomically (a half-written file never appears under ``path``)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    image.save(tmp, format=(path.suffix.lstrip(".") or "png").upper().replace("JPG", "JPEG"))
-    os.replace(tmp, path)
-    return path
+    image_format = (Path(path).suffix.lstrip(".") or "png").upper().replace("JPG", "JPEG")
+    return atomic_write(path, lambda tmp: image.save(tmp, format=image_format))

@@ -19,6 +19,21 @@ def default_device() -> torch.device:
     return torch.device("cpu")
 
 
+def check_device(device: str | torch.device) -> torch.device:
+    """``device`` as a torch device this machine has, or an error that names the ones it has."""
+    have = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    have += ["mps"] if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available() else []
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError) as err:
+        raise ValueError(f"device {str(device)!r} is not a device name; this machine has {', '.join(have)}") from err
+    if device.type not in have:
+        raise ValueError(f"device {str(device)!r} is not available on this machine; it has {', '.join(have)}")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ValueError(f"device {str(device)!r} does not exist: this machine has {torch.cuda.device_count()} GPU(s)")
+    return device
+
+
 def default_dtype(device: torch.device) -> torch.dtype:
     """fp16 on accelerators (what SD checkpoints are run in), fp32 on the CPU."""
     return torch.float16 if device.type in ("cuda", "mps") else torch.float32
@@ -65,8 +80,8 @@ def load_pipeline(
     available, else the CPU; ``dtype`` to fp16 on accelerators and fp32 on the CPU. Extra keyword arguments go to
     ``DiffusionPipeline.from_pretrained``.
     """
+    device = check_device(device) if device is not None else default_device()
     source = resolve_model(name_or_path)
-    device = torch.device(device) if device is not None else default_device()
     dtype = dtype if dtype is not None else default_dtype(device)
     try:
         pipe = DiffusionPipeline.from_pretrained(source, dtype=dtype, local_files_only=True, **kwargs)

@@ -1,78 +1,65 @@
-"""The methods genreg serves, by name: the `genreg` command and the app are generated from this table."""
+"""The table of genreg's methods: each method package registers itself here, and the `genreg` command and the web
+app are generated from the table (subcommands, flags, tabs and forms), so adding a method touches neither.
+
+``import genreg.methods`` registers every method; this module itself imports none.
+"""
 
 from __future__ import annotations
 
-import argparse
 from collections.abc import Callable
-from dataclasses import dataclass
-from pathlib import Path
+from dataclasses import dataclass, field
 
-import torch
-
-from .config import add_arguments, from_namespace
-from .personalization import CrossInitConfig, TextualInversionConfig, train_cross_init, train_textual_inversion
-from .training import TrainConfig, process_state
+KINDS = ("sampler", "editor", "trainer", "search")
 
 
 @dataclass(frozen=True)
-class Trainer:
-    """A training method: its config dataclass, the function that runs it, and its defaults over TrainConfig's."""
+class Method:
+    """One method as the surfaces see it.
 
+    ``config`` is the dataclass a request or run is described by (its fields' metadata carry help text and where a
+    field appears: ``place="main" | "advanced" | "hidden"``). ``run`` does the work:
+    a sampler's ``run(pipe, options)``; an editor's ``run(pipe, image, options, **settings)`` (``settings``: fields
+    of the method's ``settings`` dataclass that the user changed);
+    a trainer's ``run(pipe, config, train: TrainConfig, **fit_kwargs) -> Path``; a search's ``run(pipe, config)``.
+    ``pipeline`` names the diffusers pipeline class of the method (``"genreg.pipelines.X"``), where it has one.
+    """
+
+    name: str  # e.g. "cross-init": the CLI's subcommand (trainers: `genreg train NAME`) and the app's key
+    kind: str
+    title: str  # what people call it: "Cross Initialization"
+    help: str  # one line: what it does, and its paper
     config: type
-    run: Callable[..., Path]
-    help: str
-    train_defaults: dict
+    run: Callable
+    command: str | None = None  # the top-level `genreg` subcommand of a sampler or editor, e.g. "generate"
+    settings: type | None = None  # a dataclass of expert settings whose given fields override ``config``'s preset
+    pipeline: str | None = None
+    train_defaults: dict = field(default_factory=dict)  # a trainer's defaults over TrainConfig's
+
+    def __post_init__(self):
+        if self.kind not in KINDS:
+            raise ValueError(f"method {self.name!r}: unknown kind {self.kind!r}; choose one of {', '.join(KINDS)}")
 
 
-TRAINERS: dict[str, Trainer] = {
-    "cross-init": Trainer(
-        CrossInitConfig,
-        train_cross_init,
-        "Cross Initialization: a token embedding initialised from the text encoder's output (CVPR 2024)",
-        {"max_train_steps": 320, "learning_rate": 5e-3, "train_batch_size": 8},
-    ),
-    "textual-inversion": Trainer(
-        TextualInversionConfig,
-        train_textual_inversion,
-        "Textual Inversion: a token embedding learnt from a few images (the baseline)",
-        {"max_train_steps": 1000, "learning_rate": 5e-3, "train_batch_size": 8},
-    ),
-}
-
-_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "no": None}
+METHODS: dict[str, Method] = {}
 
 
-def add_trainer_arguments(parser: argparse.ArgumentParser, name: str) -> None:
-    """Flags of trainer ``name``: the model, the method's config and the shared training settings."""
-    trainer = TRAINERS[name]
-    parser.add_argument(
-        "--pretrained_model_name_or_path", default="tinyworld", help="'tinyworld', a diffusers directory or hub id"
-    )
-    add_arguments(parser, trainer.config)
-    add_arguments(parser, TrainConfig)
-    parser.set_defaults(**trainer.train_defaults)
+def register(method: Method) -> Method:
+    """Adds ``method`` to the table (once per name)."""
+    if method.name in METHODS and METHODS[method.name] != method:
+        raise ValueError(f"a method named {method.name!r} is registered already")
+    METHODS[method.name] = method
+    return method
 
 
-def run_trainer(name: str, args: argparse.Namespace) -> Path:
-    """Builds the configs from parsed flags, loads the model on this process's device, and trains."""
-    from .models import load_pipeline
-
-    trainer = TRAINERS[name]
-    config = from_namespace(trainer.config, args)
-    train = from_namespace(TrainConfig, args)
-    # Frozen weights in the autocast precision (as diffusers' scripts do); trained vectors stay in float32.
-    pipe = load_pipeline(
-        args.pretrained_model_name_or_path,
-        device=str(process_state().device),
-        dtype=_DTYPES[train.mixed_precision] or torch.float32,
-    )
-    pipe.set_progress_bar_config(disable=True)
-    return trainer.run(pipe, config, train)
+def methods(kind: str | None = None) -> list[Method]:
+    """The registered methods, of one ``kind`` or all, in registration order."""
+    return [m for m in METHODS.values() if kind is None or m.kind == kind]
 
 
-def trainer_main(name: str, argv: list[str] | None = None) -> None:
-    """Entry point of ``scripts/train_<name>.py`` (runs under ``accelerate launch`` or ``torchrun``)."""
-    parser = argparse.ArgumentParser(description=TRAINERS[name].help)
-    add_trainer_arguments(parser, name)
-    path = run_trainer(name, parser.parse_args(argv))
-    print(f"wrote {path}")
+def get(name: str, kind: str | None = None) -> Method:
+    """The method called ``name``; the error lists the known ones."""
+    method = METHODS.get(name)
+    if method is None or (kind is not None and method.kind != kind):
+        known = ", ".join(m.name for m in methods(kind))
+        raise ValueError(f"unknown {kind or 'method'} {name!r}; choose one of {known}")
+    return method

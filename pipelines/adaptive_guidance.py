@@ -7,6 +7,8 @@ out.images, out.nfe
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
 from dataclasses import dataclass
 
 import PIL.Image
@@ -14,7 +16,10 @@ import torch
 from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 from diffusers.utils import BaseOutput
 
-from genreg.guidance import Guidance, guided_call, make_guidance
+from genreg.guidance import Guidance, guided_call, stock_call
+from genreg.methods.adaptive_guidance import make_guidance
+
+from .contract import StockSaveMixin, bind_stock, with_stock_signature
 
 
 @dataclass
@@ -28,48 +33,64 @@ class AdaptiveGuidancePipelineOutput(BaseOutput):
     nsfw_content_detected: list[bool] | None = None
 
 
-class AdaptiveGuidanceMixin:
-    """Adds ``guidance="cfg" | "ag" | "linear_ag"`` (or any ``genreg.guidance.Guidance`` policy) to a diffusers
-    text-to-image pipeline; every other argument is the stock pipeline's."""
-
-    @torch.no_grad()
-    def __call__(
-        self,
-        prompt: str | list[str] | None = None,
-        *,
-        guidance: str | Guidance = "ag",
-        gamma_bar: float = 0.99,
-        guidance_space: str = "x0",
-        min_cfg_steps: int = 1,
-        linear_ag_coefficients=None,
-        linear_until: float = 0.5,
-        **kwargs,
-    ):
-        """Runs the stock pipeline under a guidance policy.
-
-        Args:
-            guidance: "cfg" (plain CFG), "ag" (Adaptive Guidance), "linear_ag" (LinearAG), or a policy object.
+_P = inspect.Parameter
+AG_PARAMETERS = [
+    _P("guidance", _P.KEYWORD_ONLY, default="ag", annotation="str | Guidance"),
+    _P("gamma_bar", _P.KEYWORD_ONLY, default=0.99, annotation="float"),
+    _P("guidance_space", _P.KEYWORD_ONLY, default="x0", annotation="str"),
+    _P("min_cfg_steps", _P.KEYWORD_ONLY, default=1, annotation="int"),
+    _P("linear_ag_coefficients", _P.KEYWORD_ONLY, default=None),
+    _P("linear_until", _P.KEYWORD_ONLY, default=0.5, annotation="float"),
+]
+AG_DOC = """            guidance: "ag" (Adaptive Guidance, the default), "cfg" (plain CFG, the stock behaviour),
+                "linear_ag" (LinearAG), or a ``genreg.guidance.Guidance`` policy object.
             gamma_bar: AG's cosine threshold; above 1 never switches (plain CFG).
             guidance_space: where AG measures the cosine: "x0" (default), "epsilon" or "v".
             min_cfg_steps: steps that always get CFG under AG.
             linear_ag_coefficients: path or ``LinearAGCoefficients`` fitted for these sampling settings.
             linear_until: fraction of the steps in which LinearAG alternates CFG and regressed steps.
-        """
-        policy = (
-            guidance
-            if not isinstance(guidance, str)
-            else make_guidance(
-                guidance, gamma_bar, guidance_space, min_cfg_steps, linear_ag_coefficients, linear_until
-            )
+
+        Returns an ``AdaptiveGuidancePipelineOutput`` (the stock fields plus ``nfe`` and ``gammas``), or with
+        ``return_dict=False`` exactly the stock pipeline's tuple.
+"""
+
+
+def _guided(
+    self,
+    *args,
+    guidance: str | Guidance = "ag",
+    gamma_bar: float = 0.99,
+    guidance_space: str = "x0",
+    min_cfg_steps: int = 1,
+    linear_ag_coefficients=None,
+    linear_until: float = 0.5,
+    **kwargs,
+):
+    """Runs the stock pipeline's ``__call__`` (positional arguments in its order) under a guidance policy."""
+    stock = stock_call(self)
+    named = bind_stock(stock, args, kwargs)
+    return_dict = named.pop("return_dict", True)
+    if isinstance(guidance, str):
+        guidance = make_guidance(
+            guidance, gamma_bar, guidance_space, min_cfg_steps, linear_ag_coefficients, linear_until
         )
-        out, nfe, gammas = guided_call(super().__call__, self, policy, prompt, **kwargs)
-        result = AdaptiveGuidancePipelineOutput(
-            images=out.images,
-            nfe=nfe,
-            gammas=gammas,
-            nsfw_content_detected=getattr(out, "nsfw_content_detected", None),
-        )
-        return result if kwargs.get("return_dict", True) else result.to_tuple()
+    elif guidance is None or not hasattr(guidance, "plan"):
+        raise ValueError(f"guidance must be 'cfg', 'ag', 'linear_ag' or a policy object, not {guidance!r}")
+    out, nfe, gammas = guided_call(stock, self, guidance, named.pop("prompt", None), **named)
+    if not return_dict:  # the stock tuple, None entries included
+        return tuple(getattr(out, f.name) for f in dataclasses.fields(out))
+    return AdaptiveGuidancePipelineOutput(
+        images=out.images, nfe=nfe, gammas=gammas, nsfw_content_detected=getattr(out, "nsfw_content_detected", None)
+    )
+
+
+class AdaptiveGuidanceMixin(StockSaveMixin):
+    """Adds ``guidance="cfg" | "ag" | "linear_ag"`` (or any ``genreg.guidance.Guidance`` policy) to a diffusers
+    text-to-image pipeline; every other argument, positional or not, is the stock pipeline's."""
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        with_stock_signature(cls, _guided, AG_PARAMETERS, AG_DOC)
 
 
 class AdaptiveGuidancePipeline(AdaptiveGuidanceMixin, StableDiffusionPipeline):

@@ -17,6 +17,8 @@ from diffusers.utils import BaseOutput
 
 from genreg.methods.guide_and_rescale import GuideAndRescaleConfig, edit
 
+from .contract import StockSaveMixin
+
 
 @dataclass
 class GuideAndRescalePipelineOutput(BaseOutput):
@@ -26,7 +28,7 @@ class GuideAndRescalePipelineOutput(BaseOutput):
     inverted_latents: list[torch.Tensor]
 
 
-class GuideAndRescaleMixin:
+class GuideAndRescaleMixin(StockSaveMixin):
     """Adds Guide-and-Rescale editing as ``__call__`` to a diffusers SD or SDXL pipeline (build with ``from_pipe``)."""
 
     def __call__(

@@ -23,19 +23,8 @@ import numpy as np
 import torch
 
 from genreg import load_pipeline
-from genreg.guidance import (
-    CFG,
-    AdaptiveGuidance,
-    Conditional,
-    FixedCutoff,
-    Guidance,
-    LinearAG,
-    calibrate,
-    gamma_bar_for_nfe,
-    guided_call,
-    stock_call,
-    switch_nfe,
-)
+from genreg.guidance import CFG, Conditional, FixedCutoff, Guidance, guided_call, stock_call
+from genreg.methods.adaptive_guidance import AdaptiveGuidance, LinearAG, calibrate, gamma_bar_for_nfe, switch_nfe
 from genreg.tinyworld import Evaluator, sample_scene, scene_prompt
 
 RESULTS = Path(__file__).resolve().parents[1] / "bench" / "results"

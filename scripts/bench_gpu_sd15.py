@@ -32,8 +32,9 @@ from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionMod
 from genreg.pipelines import AdaptiveGuidancePipeline
 from transformers import CLIPTextConfig, CLIPTextModel
 
-from genreg.guidance import CFG, AdaptiveGuidance, FixedCutoff, LinearAG, calibrate, gamma_bar_for_nfe
-from genreg.personalization import CrossInitConfig, train_cross_init
+from genreg.guidance import CFG, FixedCutoff
+from genreg.methods.adaptive_guidance import AdaptiveGuidance, LinearAG, calibrate, gamma_bar_for_nfe
+from genreg.methods.cross_init import CrossInitConfig, train_cross_init
 from genreg.testing import tiny_scheduler, tiny_sd_components
 from genreg.tinyworld import render
 from genreg.tinyworld.architecture import build_tokenizer

@@ -39,7 +39,8 @@ from genreg import load_pipeline
 from genreg.attention import AttentionRecorder, recording, select_layers
 from genreg.config import add_arguments, given
 from genreg.inversion import ddim_scheduler
-from genreg.methods.guide_and_rescale import PRESETS, GuideAndRescaleConfig, decode_latents, edit, encode_image
+from genreg.methods.guide_and_rescale import PRESETS, GuideAndRescaleConfig, edit
+from genreg.sd import decode_latents, encode_image
 from genreg.tinyworld import Evaluator, render
 from genreg.tinyworld.edits import (
     EDIT_KINDS,

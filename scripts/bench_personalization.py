@@ -26,15 +26,9 @@ import numpy as np
 import torch
 
 from genreg import load_pipeline
-from genreg.personalization import (
-    EMBEDS_FILE,
-    INIT_FILE,
-    CrossInitConfig,
-    TextualInversionConfig,
-    load_learned_embeds,
-    train_cross_init,
-    train_textual_inversion,
-)
+from genreg.embeddings import EMBEDS_FILE, INIT_FILE, load_learned_embeds
+from genreg.methods.cross_init import CrossInitConfig, train_cross_init
+from genreg.methods.textual_inversion import TextualInversionConfig, train_textual_inversion
 from genreg.tinyworld import Evaluator, render
 from genreg.tinyworld.subjects import SUBJECTS, evaluation_cases, reference_scenes, score_subject, write_kit
 from genreg.training import TrainConfig

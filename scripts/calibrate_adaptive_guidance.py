@@ -21,7 +21,8 @@ import torch
 from PIL import Image, ImageDraw
 
 from genreg import load_pipeline
-from genreg.guidance import SPACES, calibrate, gamma_bar_for_nfe, switch_nfe
+from genreg.methods.adaptive_guidance import calibrate, gamma_bar_for_nfe, switch_nfe
+from genreg.sd import SPACES
 
 
 def load_prompts(args) -> list[str]:

@@ -26,9 +26,11 @@ import torch
 from tqdm import tqdm
 
 import genreg.methods.guide_and_rescale as gar
+import genreg.methods.guide_and_rescale.sampler as gar_sampler
 from genreg import load_pipeline
 from genreg.attention import AttentionRecorder, recording, select_layers
 from genreg.inversion import ddim_scheduler
+from genreg.sd import predict
 from genreg.tinyworld import render
 from genreg.tinyworld.edits import sample_edits
 
@@ -42,14 +44,14 @@ def energies_along(pipe, conditions, inverted, latents, timesteps) -> np.ndarray
     unet, n, local = pipe.unet, len(timesteps), gar.GuideAndRescaleConfig.preset("local")
     recorder = AttentionRecorder(keep="qk", grad=False)
     layers = select_layers(unet, "self", local.self_attn_blocks, local.self_attn_levels)
-    feature_module = gar._submodule(unet, local.feature_layer)
+    feature_module = gar_sampler._submodule(unet, local.feature_layer)
     out = []
-    with torch.no_grad(), recording(unet, layers, recorder), gar._OutputCapture(feature_module) as features:
+    with torch.no_grad(), recording(unet, layers, recorder), gar_sampler._OutputCapture(feature_module) as features:
         for i in range(n - 1):
             passes = []
             for z in (inverted[n - 1 - i], latents[i]):
                 with recorder.capture(), features.capture():
-                    gar.predict(unet, z, timesteps[i + 1], [conditions.source])
+                    predict(unet, z, timesteps[i + 1], [conditions.source])
                 passes.append((recorder.take(), features.take()))
             (ref_attn, ref_feat), (cur_attn, cur_feat) = passes
             out.append(
@@ -61,7 +63,7 @@ def energies_along(pipe, conditions, inverted, latents, timesteps) -> np.ndarray
 def probe(pipe, case, steps: int, w: float, changes: dict) -> tuple[np.ndarray, list[float]]:
     """One edit: energies after each step, and the guider / CFG-term norm ratio (before clamping) per guided step."""
     ratios, latents = [], []
-    original = gar.guided_noise
+    original = gar_sampler.guided_noise
 
     def observed(uncond, target, guider, w_, lower, upper):
         cfg_norm = (w_ * (target.float() - uncond.float())).norm()
@@ -69,7 +71,7 @@ def probe(pipe, case, steps: int, w: float, changes: dict) -> tuple[np.ndarray, 
         return original(uncond, target, guider, w_, lower, upper)
 
     image = render(case.source)[0]
-    with mock.patch.object(gar, "guided_noise", observed):
+    with mock.patch.object(gar_sampler, "guided_noise", observed):
         out = gar.edit(
             pipe,
             image,

@@ -6,7 +6,7 @@
 The result, out/me/learned_embeds.safetensors, loads with ``pipe.load_textual_inversion("out/me")``.
 """
 
-from genreg.registry import trainer_main
+from genreg.cli import trainer_main
 
 if __name__ == "__main__":
     trainer_main("textual-inversion")

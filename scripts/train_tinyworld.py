@@ -1,7 +1,7 @@
 """Trains the bundled `tinyworld` model and its evaluator from scratch; resumable, a GPU is used when there is one.
 
-On two CPU cores the default recipe takes about 2 h when the machine is otherwise idle (data, VAE and evaluator
-about 30 min; 11,000 UNet steps about 1 h 30 min with evaluations); it resumes from --work_dir.
+The recipe's wall time is in the README (it depends on the CPU: a UNet step at batch 64 has taken 0.5 s on one
+two-core machine and 1.4 s on another); every stage resumes from --work_dir, and a GPU is used when there is one.
 
     python scripts/train_tinyworld.py --work_dir runs/tinyworld --output_dir genreg/tinyworld/model
 
@@ -19,7 +19,8 @@ Stages (each resumes from what the previous run left in --work_dir):
      (the layout phase): the x0 error is weighted by the SNR clamped to [0.25, 5] and most captions name the
      background. With plain min-SNR weighting, or with the background left unnamed (white and black backgrounds then
      average the object away from the mean image), the high-noise steps that decide the layout teach nothing and
-     position words are ignored.
+     position words are ignored. Captions name each object's pattern, and apart its outline, with probability
+     --caption_detail_p, so both have a path from text and are drawn at their training frequencies when unnamed.
      Every --eval_every steps the EMA model samples prompts (25 DDIM steps, guidance 5), the evaluator scores them,
      and the best is kept.
   6. the best EMA model is written as a diffusers StableDiffusionPipeline (safetensors) to --output_dir.
@@ -42,6 +43,7 @@ import torch.nn.functional as F
 from diffusers import AutoencoderKL, StableDiffusionPipeline
 from safetensors.torch import load_file, save_file
 
+from genreg.io import atomic_write, atomic_write_text
 from genreg.tinyworld.architecture import (
     build_scheduler,
     build_text_encoder,
@@ -53,6 +55,7 @@ from genreg.tinyworld.architecture import (
 from genreg.tinyworld.evaluator import Evaluator, EvaluatorNet, evaluator_loss, scene_targets
 from genreg.tinyworld.render import render_many
 from genreg.tinyworld.world import Scene, caption, sample_scene, scene_prompt
+from genreg.training import flatten_optimizer_state, unflatten_optimizer_state
 
 
 def log(msg: str) -> None:
@@ -60,15 +63,15 @@ def log(msg: str) -> None:
 
 
 def atomic_save(tensors: dict[str, torch.Tensor], path: Path) -> None:
-    tmp = path.with_suffix(".tmp")
-    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp))
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp)))
 
 
-def atomic_json(obj, path: Path) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(obj, indent=1))
-    os.replace(tmp, path)
+def atomic_npz(path: Path, **arrays: np.ndarray) -> None:
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as f:  # a file object: np.savez would append ".npz" to a name
+            np.savez(f, **arrays)
+
+    atomic_write(path, write)
 
 
 def minimise(model: torch.nn.Module, loss_fn, steps: int, lr: float, weight_decay: float, name: str) -> None:
@@ -96,9 +99,7 @@ def make_pool(path: Path, n: int, seed: int, holdout: bool, processes: int) -> t
         t = time.time()
         images = render_many(scenes, processes)
         log(f"rendered {n} scenes in {time.time() - t:.0f}s -> {path.name}")
-        tmp = path.with_suffix(".tmp.npz")
-        np.savez(tmp, images=images, scenes=np.array([json.dumps(s.to_dict()) for s in scenes]))
-        os.replace(tmp, path)
+        atomic_npz(path, images=images, scenes=np.array([json.dumps(s.to_dict()) for s in scenes]))
     data = np.load(path)
     return data["images"][:n], [Scene.from_dict(json.loads(s)) for s in data["scenes"][:n]]
 
@@ -191,11 +192,11 @@ def encode(vae, images: np.ndarray, device: torch.device) -> torch.Tensor:
 # 5. UNet + text encoder
 
 
-def eval_prompts(n_single: int, n_double: int, seed: int) -> list[str]:
+def eval_prompts(n_single: int, n_double: int, seed: int, details: bool) -> list[str]:
+    """Single- then two-object prompts; with ``details``, every second one also names pattern and outline."""
     rng = random.Random(seed)
-    return [scene_prompt(sample_scene(rng, 1)) for _ in range(n_single)] + [
-        scene_prompt(sample_scene(rng, 2)) for _ in range(n_double)
-    ]
+    scenes = [sample_scene(rng, 1) for _ in range(n_single)] + [sample_scene(rng, 2) for _ in range(n_double)]
+    return [scene_prompt(scene, details=details and k % 2 == 1) for k, scene in enumerate(scenes)]
 
 
 @torch.no_grad()
@@ -210,24 +211,6 @@ def sample_and_score(pipe, evaluator: Evaluator, prompts: list[str], seed: int, 
     return evaluator.score(images, prompts)
 
 
-def optimizer_state(opt: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
-    flat = {}
-    for i, state in opt.state_dict()["state"].items():
-        for k, v in state.items():
-            flat[f"{i}.{k}"] = v if torch.is_tensor(v) else torch.tensor(v)
-    return flat
-
-
-def load_optimizer_state(opt: torch.optim.Optimizer, flat: dict[str, torch.Tensor]) -> None:
-    sd = opt.state_dict()
-    state: dict[int, dict] = {}
-    for key, v in flat.items():
-        i, k = key.split(".", 1)
-        state.setdefault(int(i), {})[k] = v
-    sd["state"] = state
-    opt.load_state_dict(sd)
-
-
 def train_denoiser(args, latents: torch.Tensor, scenes: list[Scene], vae, evaluator: Evaluator, work: Path, device):
     # Seeded here, not by the stages before: a run that finds its data, VAE and evaluator already in --work_dir
     # starts the denoiser exactly as one that made them. (A resumed run restores the RNG state below.)
@@ -240,7 +223,14 @@ def train_denoiser(args, latents: torch.Tensor, scenes: list[Scene], vae, evalua
     opt = torch.optim.AdamW(models.parameters(), lr=args.lr, weight_decay=1e-2)
     step, best = 0, {"score": -1.0}
     ckpt = work / "denoiser_checkpoint"
-    setup = {"latent_norm": args.latent_norm, "prediction_type": args.prediction_type}  # what the weights mean
+    # What the weights mean: a checkpoint trained otherwise is not resumed with these flags.
+    setup = {
+        "latent_norm": args.latent_norm,
+        "prediction_type": args.prediction_type,
+        "unet": [list(unet.config.down_block_types), list(unet.config.block_out_channels)],
+    }
+    if args.caption_detail_p:  # recorded only when set, so first-model checkpoints still resume with 0
+        setup["caption_detail_p"] = args.caption_detail_p
     if (ckpt / "state.json").exists():
         meta = json.loads((ckpt / "state.json").read_text())
         if meta.get("setup", setup) != setup:
@@ -250,7 +240,8 @@ def train_denoiser(args, latents: torch.Tensor, scenes: list[Scene], vae, evalua
             )
         models.load_state_dict(load_file(str(ckpt / "model.safetensors")))
         ema = load_file(str(ckpt / "ema.safetensors"))
-        load_optimizer_state(opt, load_file(str(ckpt / "optimizer.safetensors")))
+        groups = {"param_groups": opt.state_dict()["param_groups"]}
+        opt.load_state_dict(unflatten_optimizer_state(load_file(str(ckpt / "optimizer.safetensors")), groups))
         step, best = meta["step"], meta["best"]
         torch.set_rng_state(load_file(str(ckpt / "rng.safetensors"))["torch"])
         log(f"resumed denoiser training at step {step}")
@@ -258,7 +249,7 @@ def train_denoiser(args, latents: torch.Tensor, scenes: list[Scene], vae, evalua
     alphas = scheduler.alphas_cumprod.to(device)
     snr = alphas / (1 - alphas)
     n_single = int(round(0.7 * args.eval_prompts))
-    prompts = eval_prompts(n_single, args.eval_prompts - n_single, seed=12345)
+    prompts = eval_prompts(n_single, args.eval_prompts - n_single, seed=12345, details=args.caption_detail_p > 0)
 
     def lr_at(s: int) -> float:
         warm = 200
@@ -287,7 +278,10 @@ def train_denoiser(args, latents: torch.Tensor, scenes: list[Scene], vae, evalua
         layout = step >= args.layout_from_step
         idx = torch.randint(0, len(latents), (args.batch_size if layout else args.shapes_batch_size,))
         background_p = args.caption_background_p if layout else 0.45
-        texts = ["" if rng.random() < 0.1 else caption(scenes[i], rng, background_p) for i in idx.tolist()]
+        texts = [
+            "" if rng.random() < 0.1 else caption(scenes[i], rng, background_p, args.caption_detail_p)
+            for i in idx.tolist()
+        ]
         ids = tokenizer(
             texts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
         ).input_ids
@@ -329,16 +323,16 @@ def train_denoiser(args, latents: torch.Tensor, scenes: list[Scene], vae, evalua
                 log(f"new best at step {step}")
             t0 = time.time()
         if step % args.checkpointing_steps == 0 or step == args.unet_steps:
-            tmp = work / "denoiser_checkpoint.tmp"
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir()
-            save_file({k: v.contiguous() for k, v in models.state_dict().items()}, str(tmp / "model.safetensors"))
-            save_file(ema, str(tmp / "ema.safetensors"))
-            save_file(optimizer_state(opt), str(tmp / "optimizer.safetensors"))
-            save_file({"torch": torch.get_rng_state()}, str(tmp / "rng.safetensors"))
-            (tmp / "state.json").write_text(json.dumps({"step": step, "best": best, "setup": setup}))
-            shutil.rmtree(ckpt, ignore_errors=True)
-            os.replace(tmp, ckpt)
+
+            def write_checkpoint(tmp: Path, step: int = step, best: dict = best) -> None:
+                tmp.mkdir()
+                save_file({k: v.contiguous() for k, v in models.state_dict().items()}, str(tmp / "model.safetensors"))
+                save_file(ema, str(tmp / "ema.safetensors"))
+                save_file(flatten_optimizer_state(opt.state_dict())[0], str(tmp / "optimizer.safetensors"))
+                save_file({"torch": torch.get_rng_state()}, str(tmp / "rng.safetensors"))
+                (tmp / "state.json").write_text(json.dumps({"step": step, "best": best, "setup": setup}))
+
+            atomic_write(ckpt, write_checkpoint)
     ema.update(load_file(str(work / "best_ema.safetensors")))
     log(f"best EMA model: step {best['step']} all_correct {best['score']:.3f}")
     return ema_pipeline().to("cpu"), best
@@ -386,6 +380,13 @@ def main() -> None:
         " the object out of the mean image, and position words teach nothing)",
     )
     p.add_argument(
+        "--caption_detail_p",
+        type=float,
+        default=0.5,
+        help="share of objects whose pattern is named in a caption, and (drawn apart) whose outline is; the others"
+        " leave them to the model. 0 gives the first bundled model's captions",
+    )
+    p.add_argument(
         "--latent_norm",
         choices=("channel", "global"),
         default="channel",
@@ -396,10 +397,12 @@ def main() -> None:
     p.add_argument("--eval_prompts", type=int, default=200, help="prompts sampled at each evaluation (70%% single)")
     p.add_argument("--checkpointing_steps", type=int, default=250)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--processes", type=int, default=2, help="render workers")
+    p.add_argument("--processes", type=int, default=min(os.cpu_count() or 1, 16), help="render workers")
     args = p.parse_args()
     if args.evaluator_reconstructions < 0:
         p.error(f"--evaluator_reconstructions counts images, so it is 0 or more; got {args.evaluator_reconstructions}")
+    if not 0.0 <= args.caption_detail_p <= 1.0:
+        p.error(f"--caption_detail_p is a share, between 0 and 1; got {args.caption_detail_p}")
     if args.shapes_batch_size is None:
         args.shapes_batch_size = args.batch_size
     if min(args.batch_size, args.shapes_batch_size) < 1:
@@ -418,9 +421,7 @@ def main() -> None:
     vae_dir = work / "vae"
     if not (vae_dir / "config.json").exists():
         vae = train_vae(np.concatenate([base_images, full_images]), args.vae_steps, device, args.seed)
-        tmp = work / "vae.tmp"
-        vae.save_pretrained(tmp)
-        os.replace(tmp, vae_dir)
+        atomic_write(vae_dir, vae.save_pretrained)
     vae = AutoencoderKL.from_pretrained(vae_dir)
 
     # Generated images reach the world through the VAE decoder: the evaluator learns from renders and their
@@ -434,9 +435,7 @@ def main() -> None:
             "full": reconstruct(vae, full_images[:n_recon], device),
             "test": reconstruct(vae, test_images, device),
         }
-        tmp = recon_path.with_suffix(".tmp.npz")
-        np.savez(tmp, **recon)
-        os.replace(tmp, recon_path)
+        atomic_npz(recon_path, **recon)
 
     eval_path = work / "evaluator.safetensors"
     if not eval_path.exists():
@@ -452,7 +451,7 @@ def main() -> None:
     for name, value in acc.items():
         rounded = {k: round(v, 4) for k, v in value.items()}
         log(f"evaluator accuracy on {args.test_pool} fresh {name}: {json.dumps(rounded)}")
-    atomic_json(acc, work / "evaluator_accuracy.json")
+    atomic_write_text(work / "evaluator_accuracy.json", json.dumps(acc, indent=1))
 
     lat_path = work / "latents.safetensors"
     if not lat_path.exists():
@@ -470,15 +469,10 @@ def main() -> None:
 
     pipe, best = train_denoiser(args, latents, base_scenes, vae, evaluator, work, device)
     out = Path(args.output_dir)
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    pipe.save_pretrained(tmp, safe_serialization=True)
-    shutil.rmtree(out, ignore_errors=True)
-    os.replace(tmp, out)
+    atomic_write(out, lambda tmp: pipe.save_pretrained(tmp, safe_serialization=True))
     shutil.copyfile(eval_path, args.evaluator_out)
-    atomic_json(
-        {"best": best, "evaluator_accuracy": acc, "wall_seconds_this_run": time.time() - start}, work / "summary.json"
-    )
+    summary = {"best": best, "evaluator_accuracy": acc, "wall_seconds_this_run": time.time() - start}
+    atomic_write_text(work / "summary.json", json.dumps(summary, indent=1))
     log(f"wrote {out} and {args.evaluator_out} in {time.time() - start:.0f}s")
 
 

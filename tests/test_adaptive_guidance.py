@@ -6,17 +6,16 @@ from diffusers.callbacks import SDCFGCutoffCallback
 from genreg.pipelines import AdaptiveGuidancePipeline, AdaptiveGuidanceXLPipeline
 
 from genreg.cli import main
-from genreg.guidance import (
+from genreg.guidance import Step, guidance_cosine
+from genreg.methods.adaptive_guidance import (
     AdaptiveGuidance,
     LinearAGCoefficients,
     LinearAGFitter,
-    Step,
     gamma_bar_for_nfe,
-    guidance_cosine,
     sampling_settings,
     switch_nfe,
-    to_space,
 )
+from genreg.sd import to_space
 from genreg.testing import tiny_sd_components, tiny_sdxl_components
 
 KW = dict(num_inference_steps=6, guidance_scale=6.0, output_type="np")
@@ -184,7 +183,7 @@ def test_sdxl_runs_with_ag():
 
 
 def test_linear_ag_runs_with_fitted_coefficients_and_refuses_other_settings(ag, tmp_path):
-    from genreg.guidance import CalibrationRecorder
+    from genreg.methods.adaptive_guidance import CalibrationRecorder
 
     fitter = LinearAGFitter(6, 0.5)
     ag(
@@ -223,7 +222,7 @@ def test_cli_generate_with_ag_prints_nfe(tmp_path, capsys):
 
 
 def test_calibrate_returns_curves_in_every_space_and_usable_coefficients(ag):
-    from genreg.guidance import calibrate
+    from genreg.methods.adaptive_guidance import calibrate
 
     prompts = ["a red circle", "a blue star", "a green square"]
     gammas, coefficients = calibrate(ag, prompts, num_inference_steps=6, guidance_scale=6.0, batch_size=2)

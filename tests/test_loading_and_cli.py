@@ -73,6 +73,8 @@ def test_cli_generate_writes_a_grid(tmp_path, capsys):
                 "a small blue square at the top",
                 "--steps",
                 "2",
+                "--images-per-prompt",
+                "1",
                 "--out",
                 str(out),
             ]
@@ -87,8 +89,8 @@ def test_cli_generate_writes_a_grid(tmp_path, capsys):
     "argv, message",
     [
         (["generate", "  "], "is empty"),
-        (["generate", "a red circle", "--steps", "-3"], "--steps must be a positive"),
-        (["generate", "a red circle", "--guidance-scale", "-1"], "--guidance-scale must be a number >= 0"),
+        (["generate", "a red circle", "--steps", "-3"], "num_inference_steps must be a positive"),
+        (["generate", "a red circle", "--guidance-scale", "-1"], "guidance_scale must be a finite number >= 0"),
         (["generate", "a red circle", "--model", "nosuchmodel"], "neither a bundled model"),
     ],
 )
@@ -113,3 +115,33 @@ def test_cli_evaluate_scores_a_render(tmp_path, capsys):
     assert main(["evaluate", str(path), "--prompt", "a large yellow triangle on the right, black background"]) == 0
     out = capsys.readouterr().out
     assert "right: triangle yellow large" in out and "all_correct=1.000" in out
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["generate", "a red circle", "--guidance_scale", "inf"], "guidance_scale must be a finite number"),
+        (["generate", "a red circle", "--gamma_bar", "nan"], "gamma_bar must be a finite number"),
+        (["generate", "a red circle", "--seed", str(2**64)], "seed must be a whole number from 0 to 2**63 - 1"),
+        (["generate", "a red \udcff circle"], "is not valid text"),
+        (["generate", "a red circle", "--device", "banana"], "is not a device name"),
+        (["generate", "a red circle", "--out", "grid.unknown"], "no image extension"),
+    ],
+)
+def test_cli_refuses_bad_values_before_any_work(argv, message, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("genreg: error:") and message in err and "Traceback" not in err
+
+
+def test_cli_output_checks(tmp_path, capsys):
+    (tmp_path / "folder.png").mkdir()
+    assert main(["generate", "a red circle", "--out", str(tmp_path / "folder.png")]) == 2
+    assert "is a folder" in capsys.readouterr().err
+    image = tmp_path / "in.png"
+    Image.new("RGB", (64, 64), "white").save(image)
+    edit = ["edit", str(image), "--source", "a red circle", "--target", "a blue circle", "--out", str(image)]
+    assert main(edit) == 2
+    assert "would overwrite it" in capsys.readouterr().err
+    assert Image.open(image).getpixel((0, 0)) == (255, 255, 255)  # the original is untouched

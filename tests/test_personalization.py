@@ -1,27 +1,30 @@
-"""The shared trainer and the embedding methods (textual inversion, Cross Initialization) on tiny components."""
+"""The shared embedding trainer and its methods (textual inversion, Cross Initialization) on tiny components."""
 
 from __future__ import annotations
 
 import json
+from functools import partial
 
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from diffusers import StableDiffusionPipeline
 from PIL import Image
 
-from genreg.personalization import (
+from genreg.diffusion import encode_latents, noise_and_timesteps
+from genreg.embeddings import (
     EMBEDS_FILE,
     INIT_FILE,
-    CrossInitConfig,
-    TextualInversionConfig,
+    EmbeddingObjective,
+    PlaceholderVectors,
     add_placeholder,
+    encoder_outputs,
     load_learned_embeds,
-    train_cross_init,
-    train_textual_inversion,
 )
-from genreg.personalization.cross_init import mean_token_rows
-from genreg.personalization.embeddings import PlaceholderVectors, encoder_outputs
+from genreg.methods.cross_init import CrossInitConfig, init_distance, mean_token_rows, train_cross_init
+from genreg.methods.textual_inversion import TextualInversionConfig, train_textual_inversion
+from genreg.sd import diffusion_target
 from genreg.testing import tiny_sd_components
 from genreg.training import ImageFolder, TrainConfig, list_checkpoints, resolve_checkpoint, sample_rng
 from genreg.training import checkpoints as checkpoints_module
@@ -160,24 +163,25 @@ def test_tinyworld_reference_words_per_shape_class(data_dir):
         ci_config(data_dir, subject_class="robot")
 
 
-def test_regularizer_is_the_unsquared_distance_to_the_init(tmp_path, data_dir):
-    from genreg.personalization.embeddings import EmbeddingObjective
-
+def test_objective_is_the_ti_loss_plus_the_methods_regularizer():
     pipe = tiny_pipe()
     ids = add_placeholder(pipe.tokenizer, pipe.text_encoder, "<s>", 2)
     placeholder = PlaceholderVectors(pipe.text_encoder, ids, torch.zeros(2, 32))
-    objective = EmbeddingObjective(pipe, placeholder, reg_weight=1.0)
-    with torch.no_grad():
+    plain = EmbeddingObjective(pipe, placeholder)
+    cross_init = EmbeddingObjective(pipe, placeholder, partial(init_distance, weight=0.5))
+    with torch.no_grad():  # v - v^0 has norms 5 and 2
         placeholder.vectors.copy_(torch.tensor([[3.0, 4.0] + [0.0] * 30, [0.0] * 31 + [2.0]]))
     batch = {
         "pixel_values": torch.zeros(1, 3, 32, 32),
-        "input_ids": torch.tensor([pipe.tokenizer("a", padding="max_length", max_length=77).input_ids]),
+        "input_ids": torch.tensor([pipe.tokenizer("a <s> <s>_1", padding="max_length", max_length=77).input_ids]),
         "seed": torch.tensor([0]),
     }
-    objective.reg_weight = 0.0
-    plain = objective(batch)
-    objective.reg_weight = 1.0
-    assert torch.allclose(objective(batch) - plain, torch.tensor(3.5))  # mean(5, 2)
+    x0 = encode_latents(pipe.vae, batch["pixel_values"])
+    noise, t = noise_and_timesteps(batch["seed"], x0.shape[1:], 1000, x0.device, x0.dtype)
+    pred = pipe.unet(pipe.scheduler.add_noise(x0, noise, t), t, pipe.text_encoder(batch["input_ids"])[0]).sample
+    ti_loss = F.mse_loss(pred, diffusion_target(pipe.scheduler, x0, noise, t))
+    assert torch.equal(plain(batch), ti_loss)  # no regulariser: textual inversion's loss, bit for bit
+    assert torch.equal(cross_init(batch), ti_loss + 0.5 * torch.tensor(3.5))  # + lambda * mean(5, 2)
 
 
 def test_samples_depend_only_on_seed_step_and_index(data_dir):

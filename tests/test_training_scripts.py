@@ -14,7 +14,7 @@ from diffusers import StableDiffusionPipeline
 from PIL import Image
 
 from genreg.cli import main
-from genreg.personalization import EMBEDS_FILE, load_learned_embeds
+from genreg.embeddings import EMBEDS_FILE, load_learned_embeds
 from genreg.testing import tiny_sd_components
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -24,7 +24,7 @@ from gradio_client import Client, handle_file  # noqa: E402
 from gradio_client.exceptions import AppError  # noqa: E402
 from gradio_client.utils import Status  # noqa: E402
 
-from genreg.personalization import load_learned_embeds  # noqa: E402
+from genreg.embeddings import load_learned_embeds  # noqa: E402
 
 KIT = "dotted-purple-circle"
 TOKEN = f"<{KIT}>"
@@ -66,7 +66,7 @@ def test_forms_come_from_the_config_dataclasses():
     import gradio as gr
     from genreg.ui.forms import build_form, make_config
 
-    from genreg.options import GenerateOptions
+    from genreg.methods.adaptive_guidance import GenerateOptions
     from genreg.training import TrainConfig
 
     with gr.Blocks():
@@ -114,6 +114,28 @@ def test_app_binds_locally_without_analytics(app, url):
     assert app.analytics_enabled is False and os.environ["GRADIO_ANALYTICS_ENABLED"] == "False"
     ws = app.workspace
     assert ws.model_name == "tinyworld" and ws.can_edit
+
+
+def test_tabs_and_forms_come_from_the_registry(app):
+    from genreg.ui.forms import form_fields
+
+    from genreg import registry
+    from genreg.config import place_of
+    from genreg.training import TrainConfig
+
+    tabs = [c["props"]["label"] for c in app.get_config_file()["components"] if c["type"] == "tabitem"]
+    assert tabs == ["Generate", "Edit", "Personalize"]  # one per kind with methods; no search method, no tab
+    params = {
+        name: {p["parameter_name"] for p in endpoint["parameters"]}
+        for name, endpoint in app.get_api_info()["named_endpoints"].items()
+    }
+    for kind, api in (("sampler", "/generate"), ("editor", "/edit"), ("trainer", "/personalize")):
+        for method in registry.methods(kind):
+            classes = [method.config, *([method.settings] if method.settings else [])]
+            assert {f.name for cls in classes for f in form_fields(cls)} <= params[api], method.name
+    hidden = {f.name for f in dataclasses.fields(TrainConfig) if place_of(f) == "hidden"}
+    assert hidden == {"output_dir", "mixed_precision"}  # set by the app, not shown
+    assert not (hidden | {"train_data_dir", "chunk_size"}) & (params["/personalize"] | params["/edit"])
 
 
 def test_generate_returns_images_nfe_and_downloads(client):

@@ -2,7 +2,9 @@
 
 A field becomes a checkbox (bool), a radio or dropdown (``choices`` in its metadata), a slider (``minimum`` and
 ``maximum``), a number (int, float) or a text box (str; a list of strings takes one per line). Its label is the field
-name in words and its help text becomes the component's info line, so a form always says what the flags say.
+name in words and its help text becomes the component's info line, so a form always says what the flags say. Its
+``place`` metadata says where it goes: the main form, the "advanced" accordion, or nowhere ("hidden": the app sets
+it or leaves its default). :class:`MethodForm` puts the forms of several methods of one kind in one place.
 """
 
 from __future__ import annotations
@@ -12,30 +14,39 @@ import dataclasses
 import math
 import types
 import typing
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import gradio as gr
 
+from genreg.config import field_type, may_be_none, place_of
+from genreg.registry import Method
+
+from .common import HELPER
+
+SHOWN = ("main", "advanced")
+
 
 def _kind(annotation: Any) -> tuple[type, bool, bool]:
-    """(scalar type, is a list, may be None) of a field annotation such as ``int``, ``str | None`` or
-    ``list[str] | None``."""
-    optional = False
-    if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
-        args = [a for a in typing.get_args(annotation) if a is not type(None)]
-        optional = len(args) < len(typing.get_args(annotation))
-        annotation = args[0]
-    if typing.get_origin(annotation) in (list, tuple):
-        return typing.get_args(annotation)[0], True, optional
-    return annotation, False, optional
+    """(scalar type, takes several, may be None) of a field as a form sees it: a field that takes one value or
+    several (``str | list[str]``) takes one."""
+    kind, many = field_type(annotation)
+    if (
+        many
+        and typing.get_origin(annotation) in (typing.Union, types.UnionType)
+        and kind in typing.get_args(annotation)
+    ):
+        many = False
+    return kind, many, may_be_none(annotation)
 
 
 def label_of(name: str) -> str:
+    """A field name in words: ``max_train_steps`` -> "Max train steps"."""
     return name.replace("_", " ").capitalize()
 
 
 def default_of(field: dataclasses.Field) -> Any:
+    """The default value of a dataclass field (None when it has none)."""
     if field.default is not dataclasses.MISSING:
         return field.default
     if field.default_factory is not dataclasses.MISSING:
@@ -43,14 +54,17 @@ def default_of(field: dataclasses.Field) -> Any:
     return None
 
 
-def form_fields(cls: type, include: Iterable[str] | None = None, skip: Iterable[str] = ()) -> list[dataclasses.Field]:
-    """The fields of ``cls`` a form can show (scalars and lists of strings), in ``include`` order when given."""
+def form_fields(
+    cls: type, include: Iterable[str] | None = None, skip: Iterable[str] = (), places: Iterable[str] = SHOWN
+) -> list[dataclasses.Field]:
+    """The fields of ``cls`` a form can show (scalars and lists of strings) whose place is one of ``places``, in
+    ``include`` order when given."""
     hints = typing.get_type_hints(cls)
     by_name = {f.name: f for f in dataclasses.fields(cls)}
     names = list(include) if include is not None else list(by_name)
-    out = []
+    places, out = set(places), []
     for name in names:
-        if name in skip:
+        if name in skip or place_of(by_name[name]) not in places:
             continue
         kind, many, _ = _kind(hints[name])
         if kind in (bool, int, float, str) and (not many or kind is str):
@@ -84,6 +98,34 @@ def component(cls: type, field: dataclasses.Field, value: Any = None, **kwargs: 
     return gr.Textbox(value="" if value is None else str(value), lines=meta.get("lines", 1), **common)
 
 
+def _wide(cls: type, field: dataclasses.Field) -> bool:
+    """Whether a field's component takes a whole row: a text area or a list of choices."""
+    _, many, _ = _kind(typing.get_type_hints(cls)[field.name])
+    return many or field.metadata.get("lines", 1) > 1 or "choices" in field.metadata
+
+
+def lay_out(
+    items: list[tuple[type, dataclasses.Field]],
+    columns: int = 1,
+    values: dict | None = None,
+    prefix: str | None = None,
+) -> dict[str, gr.Component]:
+    """Components of ``(dataclass, field)`` pairs by field name: wide ones alone, the others ``columns`` to a row.
+    ``values`` replaces defaults; with ``prefix`` each gets the element id ``{prefix}-{field-name}``."""
+    values, form = values or {}, {}
+    rows: list[list[tuple[type, dataclasses.Field]]] = []
+    for cls, f in items:
+        if columns == 1 or _wide(cls, f) or not rows or len(rows[-1]) == columns or _wide(*rows[-1][-1]):
+            rows.append([])
+        rows[-1].append((cls, f))
+    for row in rows:
+        with gr.Row() if len(row) > 1 else contextlib.nullcontext():
+            for cls, f in row:
+                ids = {"elem_id": f"{prefix}-{f.name.replace('_', '-')}"} if prefix else {}
+                form[f.name] = component(cls, f, values.get(f.name), **ids)
+    return form
+
+
 def build_form(
     cls: type,
     include: Iterable[str] | None = None,
@@ -91,18 +133,12 @@ def build_form(
     values: dict | None = None,
     prefix: str | None = None,
     columns: int = 1,
+    place: str | None = None,
 ) -> dict[str, gr.Component]:
-    """Components for the fields of ``cls``, by field name, ``columns`` to a row; ``values`` replaces defaults. With
-    ``prefix`` each gets the element id ``{prefix}-{field-name}`` (for styling and browser tests)."""
-    values = values or {}
-    form = {}
-    chosen = form_fields(cls, include, skip)
-    for start in range(0, len(chosen), columns):
-        with gr.Row() if columns > 1 else contextlib.nullcontext():
-            for f in chosen[start : start + columns]:
-                ids = {"elem_id": f"{prefix}-{f.name.replace('_', '-')}"} if prefix else {}
-                form[f.name] = component(cls, f, values.get(f.name), **ids)
-    return form
+    """Components for the fields of ``cls`` shown in ``place`` (None: main and advanced), by field name (see
+    :func:`lay_out`)."""
+    chosen = form_fields(cls, include, skip, SHOWN if place is None else (place,))
+    return lay_out([(cls, f) for f in chosen], columns, values, prefix)
 
 
 def coerce(cls: type, name: str, value: Any) -> Any:
@@ -140,3 +176,85 @@ def make_config(cls: type, values: dict[str, Any], **fixed: Any):
     names = {f.name for f in dataclasses.fields(cls)}
     kwargs = {k: coerce(cls, k, v) for k, v in values.items() if k in names}
     return cls(**(kwargs | fixed))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# the methods of one tab
+
+
+def help_line(method: Method) -> str:
+    """What a method is, in one line of Markdown."""
+    return f"**{method.title}**: {method.help}"
+
+
+class MethodForm:
+    """The inputs of the methods of one tab: a picker (hidden when there is one method), the method's help line, and
+    the union of the fields of each method's dataclasses (``classes(method)``), each shown while a method that has it
+    is picked. A field keeps its name as its key and API parameter name; a name two methods share is one input.
+
+    Made inside the Blocks layout: the picker and help line go where the form is made, fields where :meth:`area` is
+    called.
+    """
+
+    def __init__(
+        self,
+        methods: list[Method],
+        classes: Callable[[Method], tuple[type, ...]],
+        prefix: str,
+        values: dict | None = None,
+    ):
+        self.methods = {m.name: m for m in methods}
+        self.first, self.prefix, self.values = methods[0], prefix, values or {}
+        self.classes = {m.name: classes(m) for m in methods}
+        self.own: dict[str, dict[str, type]] = {}  # method name -> {field name: the dataclass that has it}
+        self.union: dict[str, tuple[type, dataclasses.Field]] = {}  # field name -> where its component comes from
+        for m in methods:
+            self.own[m.name] = {}
+            for cls in self.classes[m.name]:
+                for f in form_fields(cls):
+                    self.own[m.name][f.name] = cls
+                    self.union.setdefault(f.name, (cls, f))
+        self.fields: dict[str, gr.Component] = {}
+        self.picker = gr.Radio(
+            [(m.title, m.name) for m in methods], value=self.first.name, label="Method", visible=len(methods) > 1
+        )
+        self.help = gr.Markdown(help_line(self.first))
+
+    def area(self, place: str, columns: int = 1) -> dict[str, gr.Component]:
+        """Lays out the union's fields shown in ``place`` ("main" or "advanced"); returns them by name."""
+        items = [item for item in self.union.values() if place_of(item[1]) == place]
+        made = lay_out(items, columns, self.values, self.prefix)
+        for name, comp in made.items():
+            comp.visible = name in self.own[self.first.name]
+        self.fields |= made
+        return made
+
+    def follow_picker(
+        self, more: Iterable[gr.Component] = (), updates: Callable[[Method], list] | None = None
+    ) -> None:
+        """Shows the picked method's help and fields; ``updates(method)`` gives the updates of the components
+        ``more``."""
+
+        def use(name: str) -> list:
+            method = self.methods[name]
+            shown = [gr.update(visible=n in self.own[name]) for n in self.fields]
+            return [help_line(method), *shown, *(updates(method) if updates else [])]
+
+        self.picker.change(use, [self.picker], [self.help, *self.fields.values(), *more], **HELPER)
+
+    def split(self, values: dict) -> tuple[Method, dict[type, dict]]:
+        """Takes the picked method (``values["method"]``; None: the first) and every field out of the values of a
+        request; returns the method and its own fields' values, by dataclass."""
+        name = values.pop("method", None) or self.first.name
+        given = {n: values.pop(n, None) for n in self.fields}
+        if name not in self.methods:
+            raise ValueError(f"unknown method {name!r}; choose one of {', '.join(self.methods)}")
+        own: dict[type, dict] = {cls: {} for cls in self.classes[name]}
+        for n, cls in self.own[name].items():
+            if n in given:
+                own[cls][n] = given[n]
+        return self.methods[name], own
+
+    def inputs(self) -> dict[str, gr.Component]:
+        """The picker and every field, by API parameter name."""
+        return {"method": self.picker, **self.fields}

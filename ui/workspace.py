@@ -1,14 +1,16 @@
-"""The app's shared state: one loaded model and the method pipelines built on it with ``from_pipe``, the run folders
-of training jobs, and the Stop signal of each browser session.
+"""The app's shared state: one loaded model and the pipelines of the registered methods built on it with
+``from_pipe``, the run folders of training jobs, and the Stop signal of each browser session.
 
-Everything here runs inside one GPU-bound job at a time (the app's concurrency group); the lock only guards against
-a caller that bypasses the queue.
+Data flows one way: the tabs call the workspace and read what it returns; the workspace knows no tab. Everything here
+runs inside one GPU-bound job at a time (the app's concurrency group); the lock only guards against a caller that
+bypasses the queue.
 """
 
 from __future__ import annotations
 
 import atexit
 import copy
+import importlib
 import json
 import logging
 import re
@@ -16,82 +18,34 @@ import shutil
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
-from genreg.pipelines import AdaptiveGuidancePipeline, AdaptiveGuidanceXLPipeline
+from diffusers import DiffusionPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
 
+import genreg.methods  # noqa: F401  (registers every method)
+from genreg import registry
 from genreg.io import load_image
 from genreg.models import BUNDLED, load_pipeline
+from genreg.registry import Method
 
 logger = logging.getLogger(__name__)
-
-try:  # Guide-and-Rescale is optional: without it the app has no Edit tab
-    from genreg.pipelines import GuideAndRescalePipeline, GuideAndRescaleXLPipeline
-except ImportError:  # pragma: no cover - depends on which methods have landed
-    GuideAndRescalePipeline = GuideAndRescaleXLPipeline = None
 
 RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 RUN_FILE = "genreg-app-run.json"  # what the app needs to resume a run: method and placeholder token
 
 
-class Interrupted(Exception):
-    """The user pressed Stop during a call that has no interrupt flag of its own."""
-
-
 @dataclass
 class JobRecord:
+    """One finished job: its kind ("generate", "edit", ...), browser session and monotonic start and end times."""
+
     kind: str
     session: str
     start: float
     end: float
-
-
-class _StepBar:
-    """Stands in for a pipeline's tqdm bar: forwards each finished step to ``report(done, total)``."""
-
-    def __init__(self, report: Callable[[int, int], None], total: int, iterable=None):
-        self.report, self.total, self.iterable, self.n = report, total, iterable, 0
-        report(0, total)
-
-    def update(self, n: int = 1) -> None:
-        self.n += n
-        self.report(self.n, self.total)
-
-    def __iter__(self):
-        for item in self.iterable:
-            yield item
-            self.update()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc) -> None:
-        return None
-
-    def set_postfix(self, *args, **kwargs) -> None:
-        return None
-
-    def close(self) -> None:
-        return None
-
-
-@contextmanager
-def reporting(pipe, report: Callable[[int, int], None]) -> Iterator[None]:
-    """Routes the progress bars of ``pipe``'s calls to ``report(done, total)`` for the length of the block."""
-
-    def progress_bar(iterable=None, total=None):
-        return _StepBar(report, total if total is not None else len(iterable), iterable)
-
-    pipe.progress_bar = progress_bar
-    try:
-        yield
-    finally:
-        del pipe.progress_bar
 
 
 @contextmanager
@@ -110,27 +64,20 @@ def preserved(*modules: torch.nn.Module) -> Iterator[None]:
                 p.requires_grad_(flag)
 
 
-def native_size(pipe) -> int:
-    """The image side the model was trained at (sample size of the UNet times the VAE's factor)."""
-    size = pipe.unet.config.sample_size
-    return (size if isinstance(size, int) else size[0]) * pipe.vae_scale_factor
-
-
-def fit_square(image, size: int):
-    """Crops the centred square of ``image`` and resizes it to ``size`` (the model's native resolution)."""
-    from PIL import Image
-
-    w, h = image.size
-    s = min(w, h)
-    box = ((w - s) // 2, (h - s) // 2, (w - s) // 2 + s, (h - s) // 2 + s)
-    if (w, h) == (size, size):
-        return image
-    # Area averaging for whole-number reductions gives back exactly a render that was enlarged for display.
-    resample = Image.Resampling.BOX if s % size == 0 else Image.Resampling.LANCZOS
-    return image.resize((size, size), resample, box=box)
+def pipeline_class(method: Method, base: DiffusionPipeline) -> type | None:
+    """The pipeline class of ``method`` for the model family of ``base``: ``method.pipeline`` (a dotted name such as
+    "genreg.pipelines.GuideAndRescalePipeline") for SD 1.x/2.x, and its SDXL sibling of the same module, named with
+    "XLPipeline" in place of "Pipeline", for SDXL. None where the method has no pipeline for that family."""
+    if method.pipeline is None:
+        return None
+    module, _, name = method.pipeline.rpartition(".")
+    if isinstance(base, StableDiffusionXLPipeline):
+        name = name.removesuffix("Pipeline") + "XLPipeline"
+    return getattr(importlib.import_module(module), name, None)
 
 
 def slug(text: str) -> str:
+    """``text`` as a folder-name part: letters and digits, runs of anything else as one '-'."""
     return re.sub(r"[^A-Za-z0-9]+", "-", text).strip("-").lower() or "run"
 
 
@@ -151,7 +98,7 @@ class Workspace:
         self._device, self._dtype = device, dtype
         self._lock = threading.Lock()
         self._stops: dict[str, threading.Event] = {}
-        self._personal: tuple[tuple, AdaptiveGuidancePipeline] | None = None
+        self._personal: tuple[tuple, DiffusionPipeline] | None = None
         self.load(model)
 
     # ----------------------------------------------------------------------------------------------------------------
@@ -162,30 +109,46 @@ class Workspace:
         name = (name or "").strip()
         started = time.perf_counter()
         base = load_pipeline(name, device=self._device, dtype=self._dtype)
-        if isinstance(base, StableDiffusionXLPipeline):
-            generator_cls, editor_cls = AdaptiveGuidanceXLPipeline, GuideAndRescaleXLPipeline
-        elif isinstance(base, StableDiffusionPipeline):
-            generator_cls, editor_cls = AdaptiveGuidancePipeline, GuideAndRescalePipeline
-        else:
+        if not isinstance(base, (StableDiffusionPipeline, StableDiffusionXLPipeline)):
             raise ValueError(
                 f"{name} holds a {type(base).__name__}; the app works with Stable Diffusion 1.x/2.x and SDXL "
                 "text-to-image models"
             )
         base.set_progress_bar_config(disable=True)
-        generator = generator_cls.from_pipe(base)
-        editor = editor_cls.from_pipe(base) if editor_cls is not None else None
+        pipes = {}
+        for method in registry.methods():
+            cls = pipeline_class(method, base)
+            if cls is not None:
+                pipes[method.name] = cls.from_pipe(base)
         # Swapped in only once everything is built: a model that fails to load leaves the previous one serving.
-        self.base, self.model_name, self.generator, self.editor = base, name, generator, editor
+        self.base, self.model_name, self._pipes = base, name, pipes
         self.load_seconds = time.perf_counter() - started
         self._personal = None
 
+    def pipeline(self, method: Method) -> DiffusionPipeline:
+        """The pipeline of ``method`` on the loaded model (it shares the model's weights)."""
+        pipe = self._pipes.get(method.name)
+        if pipe is None:
+            raise ValueError(
+                f"{method.title} has no pipeline for {type(self.base).__name__} models; load another model"
+            )
+        return pipe
+
     @property
     def is_bundled(self) -> bool:
+        """Whether the loaded model is bundled with genreg (the tiny world)."""
         return self.model_name in BUNDLED
 
     @property
     def can_edit(self) -> bool:
-        return self.editor is not None
+        """Whether some registered editor has a pipeline for the loaded model."""
+        return any(m.name in self._pipes for m in registry.methods("editor"))
+
+    @property
+    def native_size(self) -> int:
+        """The image side the loaded model was trained at (sample size of the UNet times the VAE's factor)."""
+        size = self.base.unet.config.sample_size
+        return (size if isinstance(size, int) else size[0]) * self.base.vae_scale_factor
 
     @property
     def mixed_precision(self) -> str:
@@ -195,7 +158,8 @@ class Workspace:
         return "fp16" if self.base.dtype == torch.float16 and self.base.device.type == "cuda" else "no"
 
     def describe(self) -> str:
-        size = native_size(self.base)
+        """The loaded model in one line of Markdown."""
+        size = self.native_size
         return (
             f"**{self.model_name}**: {type(self.base).__name__}, {size}x{size} px · device `{self.base.device}` · "
             f"dtype `{str(self.base.dtype).removeprefix('torch.')}` · loaded in {self.load_seconds:.1f} s"
@@ -224,8 +188,8 @@ class Workspace:
     # ----------------------------------------------------------------------------------------------------------------
     # personalization
 
-    def personalized(self, embeds: str | Path) -> AdaptiveGuidancePipeline:
-        """The generator with a learned token loaded into its own copy of the text encoder and tokenizer.
+    def personalized(self, embeds: str | Path, sampler: Method) -> DiffusionPipeline:
+        """The pipeline of ``sampler`` with a learned token loaded into its own copy of the text encoder and tokenizer.
 
         The shared model never sees the token; the last one built is kept for the next request.
         """
@@ -234,13 +198,13 @@ class Workspace:
             raise FileNotFoundError(f"embeddings file {embeds.name} not found: train a token or upload one")
         if embeds.suffix != ".safetensors":
             raise ValueError(f"{embeds.name} is not a .safetensors file; upload a learned_embeds.safetensors")
-        key = (str(embeds), embeds.stat().st_mtime_ns, id(self.base))
+        key = (str(embeds), embeds.stat().st_mtime_ns, id(self.base), sampler.name)
         if self._personal is not None and self._personal[0] == key:
             return self._personal[1]
         if getattr(self.base, "text_encoder_2", None) is not None:
             raise ValueError("learned tokens are supported on SD 1.x/2.x models (one text encoder), not SDXL yet")
         text_encoder, tokenizer = copy.deepcopy(self.base.text_encoder), copy.deepcopy(self.base.tokenizer)
-        pipe = type(self.generator).from_pipe(self.base, text_encoder=text_encoder, tokenizer=tokenizer)
+        pipe = type(self.pipeline(sampler)).from_pipe(self.base, text_encoder=text_encoder, tokenizer=tokenizer)
         pipe.set_progress_bar_config(disable=True)
         try:
             pipe.load_textual_inversion(str(embeds))
@@ -326,27 +290,24 @@ class Workspace:
                 raise ValueError(f"{name} is not a readable image file; upload PNG, JPEG or WebP images") from None
         return images
 
-    def train(self, method: str, config, train_config, **fit_kwargs) -> Path:
-        """Runs trainer ``method`` of the registry on a private copy of the text encoder and tokenizer.
+    def train(self, method: Method, config, train_config, **fit_kwargs) -> Path:
+        """Runs trainer ``method`` (``method.run``) on a private copy of the text encoder and tokenizer.
 
         Trainers add the placeholder token to the pipeline they are given; the copy keeps the shared model clean, and
         the frozen UNet and VAE get their modes and flags back afterwards.
         """
-        from genreg.registry import TRAINERS
-
         if getattr(self.base, "text_encoder_2", None) is not None:
             raise ValueError("token training supports SD 1.x/2.x models (one text encoder), not SDXL yet")
-        trainer = TRAINERS[method]
         text_encoder, tokenizer = copy.deepcopy(self.base.text_encoder), copy.deepcopy(self.base.tokenizer)
         pipe = type(self.base).from_pipe(self.base, text_encoder=text_encoder, tokenizer=tokenizer)
         pipe.set_progress_bar_config(disable=True)
         with preserved(self.base.unet, self.base.vae):
-            return trainer.run(pipe, config, train_config, **fit_kwargs)
+            return method.run(pipe, config, train_config, **fit_kwargs)
 
     def keep(self, path: str | Path, name: str | None = None) -> Path:
         """A copy of ``path`` in the app's scratch folder, which the app may serve for download."""
-        folder = Path(tempfile.mkdtemp(dir=self.scratch))
-        return Path(shutil.copy(path, folder / (name or Path(path).name)))
+        return Path(shutil.copy(path, self.scratch_dir() / (name or Path(path).name)))
 
     def scratch_dir(self) -> Path:
+        """A new folder in the app's scratch folder (deleted when the app exits)."""
         return Path(tempfile.mkdtemp(dir=self.scratch))

@@ -1,1 +1,5 @@
-"""genreg's methods, one module each: a config dataclass, the method's math as plain functions, and its runner."""
+"""genreg's methods, one package each: its config, its math as plain functions, its sampler or trainer, and one
+registration in ``genreg.registry``. Importing this package registers every method, in the order the surfaces
+list them."""
+
+from . import adaptive_guidance, cross_init, guide_and_rescale, textual_inversion  # noqa: F401  (registration)

@@ -1,6 +1,6 @@
 """Training checkpoints: ``checkpoint-N/`` directories written atomically, in safetensors and JSON only.
 
-A checkpoint holds the trainable tensors, the optimizer's state and the step. Nothing is pickled, so loading a
+A checkpoint holds the trainable tensors, each optimizer's state and the step. Nothing is pickled, so loading a
 checkpoint never runs code from the file. The data order and the noise are pure functions of (seed, step, sample),
 so the step alone restores them: resuming continues exactly where the run stopped.
 """
@@ -8,7 +8,6 @@ so the step alone restores them: resuming continues exactly where the run stoppe
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 from collections.abc import Callable
@@ -17,6 +16,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from ..io import atomic_write
+
+DEFAULT_OPTIMIZER = "optimizer"  # the one optimizer of most methods; its files keep the plain names
 _NAME = re.compile(r"^checkpoint-(\d+)$")
 
 
@@ -46,7 +48,8 @@ def resolve_checkpoint(spec: str | None, output_dir: str | Path) -> Path | None:
     return path
 
 
-def _flatten_optimizer(state: dict) -> tuple[dict[str, torch.Tensor], dict]:
+def flatten_optimizer_state(state: dict) -> tuple[dict[str, torch.Tensor], dict]:
+    """An optimizer's ``state_dict()`` as safetensors-ready tensors ("{param}.{key}") and JSON-ready groups."""
     tensors = {}
     for index, per_param in state["state"].items():
         for key, value in per_param.items():
@@ -54,7 +57,8 @@ def _flatten_optimizer(state: dict) -> tuple[dict[str, torch.Tensor], dict]:
     return tensors, {"param_groups": state["param_groups"]}
 
 
-def _unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
+def unflatten_optimizer_state(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
+    """The inverse of ``flatten_optimizer_state``: a dict ``optimizer.load_state_dict`` takes."""
     state: dict[int, dict] = {}
     for name, value in tensors.items():
         index, key = name.split(".", 1)
@@ -62,45 +66,57 @@ def _unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
     return {"state": state, "param_groups": meta["param_groups"]}
 
 
+def _optimizer_stem(name: str) -> str:
+    return "optimizer" if name == DEFAULT_OPTIMIZER else f"optimizer-{name}"
+
+
 def save_checkpoint(
     output_dir: str | Path,
     step: int,
     trainable: dict[str, torch.Tensor],
-    optimizer_state: dict,
+    optimizer_states: dict[str, dict],
     extra: dict | None = None,
     total_limit: int | None = None,
     export: Callable[[Path], None] | None = None,
 ) -> Path:
     """Writes ``checkpoint-{step}`` via a temporary directory and one rename: a crash leaves the old ones intact.
 
-    ``export(directory)`` may add the method's own output files (e.g. ``learned_embeds.safetensors``) first.
+    ``optimizer_states`` maps each optimizer's name to its ``state_dict()``. ``export(directory)`` may add the
+    method's own output files (e.g. ``learned_embeds.safetensors``) first.
     """
     root = Path(output_dir)
-    root.mkdir(parents=True, exist_ok=True)
-    final, tmp = root / f"checkpoint-{step}", root / f".checkpoint-{step}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    save_file({k: v.detach().contiguous().cpu() for k, v in trainable.items()}, str(tmp / "trainable.safetensors"))
-    tensors, meta = _flatten_optimizer(optimizer_state)
-    save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, str(tmp / "optimizer.safetensors"))
-    (tmp / "optimizer.json").write_text(json.dumps(meta))
-    if export is not None:
-        export(tmp)
-    (tmp / "state.json").write_text(json.dumps({"step": step, **(extra or {})}, indent=1))
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
+
+    def write(tmp: Path) -> None:
+        tmp.mkdir()
+        save_file({k: v.detach().contiguous().cpu() for k, v in trainable.items()}, str(tmp / "trainable.safetensors"))
+        for name, state in optimizer_states.items():
+            tensors, meta = flatten_optimizer_state(state)
+            stem = _optimizer_stem(name)
+            save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, str(tmp / f"{stem}.safetensors"))
+            (tmp / f"{stem}.json").write_text(json.dumps(meta))
+        if export is not None:
+            export(tmp)
+        (tmp / "state.json").write_text(
+            json.dumps({"step": step, "optimizers": list(optimizer_states), **(extra or {})}, indent=1)
+        )
+
+    final = atomic_write(root / f"checkpoint-{step}", write)
     if total_limit is not None:
         for old in list_checkpoints(root)[:-total_limit]:
             shutil.rmtree(old)
     return final
 
 
-def load_checkpoint(path: str | Path) -> tuple[int, dict[str, torch.Tensor], dict, dict]:
-    """(step, trainable tensors, optimizer state dict, the state.json contents)."""
+def load_checkpoint(path: str | Path) -> tuple[int, dict[str, torch.Tensor], dict[str, dict], dict]:
+    """(step, trainable tensors, optimizer state dicts by name, the state.json contents)."""
     path = Path(path)
     state = json.loads((path / "state.json").read_text())
     trainable = load_file(str(path / "trainable.safetensors"))
-    optimizer = _unflatten_optimizer(
-        load_file(str(path / "optimizer.safetensors")), json.loads((path / "optimizer.json").read_text())
-    )
-    return int(state["step"]), trainable, optimizer, state
+    optimizers = {
+        name: unflatten_optimizer_state(
+            load_file(str(path / f"{_optimizer_stem(name)}.safetensors")),
+            json.loads((path / f"{_optimizer_stem(name)}.json").read_text()),
+        )
+        for name in state.get("optimizers", [DEFAULT_OPTIMIZER])
+    }
+    return int(state["step"]), trainable, optimizers, state

@@ -1,9 +1,15 @@
-"""One accelerate-based training loop for every genreg trainer: methods plug in a loss module and a sampler.
+"""One accelerate-based training loop for every genreg trainer: methods plug in a loss module and a sampler, and
+where they need it their own optimizers and update.
 
 The objective is an ``nn.Module`` whose parameters with ``requires_grad`` are what is trained and whose
 ``forward(batch)`` returns the loss (EDM's loss callable). Sample ``i`` of optimizer step ``s`` is a pure function
 ``sample(s, i)`` of the global index, so a run split over N processes sees the same global batch as one process,
 and a resumed run sees the same data and noise as an uninterrupted one.
+
+By default one AdamW over every trainable parameter takes one gradient step per training step
+(``gradient_step``). A method that owns its update passes ``optimizers`` (a factory of named optimizers, e.g. a
+sparse one, or one per network) and ``update(ctx)`` (e.g. alternating generator and critic steps); checkpoints,
+exact resume, mixed precision and data parallelism stay the loop's for every method.
 """
 
 from __future__ import annotations
@@ -15,7 +21,7 @@ import logging
 import math
 import os
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,7 +35,7 @@ from torch.utils.data import default_collate
 from tqdm.auto import tqdm
 
 from ..config import option
-from .checkpoints import load_checkpoint, resolve_checkpoint, save_checkpoint
+from .checkpoints import DEFAULT_OPTIMIZER, load_checkpoint, resolve_checkpoint, save_checkpoint
 
 logger = logging.getLogger(__name__)
 
@@ -41,26 +47,28 @@ PRECISIONS = ("no", "fp16", "bf16")
 class TrainConfig:
     """Settings every trainer shares; flag names follow diffusers' example scripts."""
 
-    output_dir: str = option("genreg-output", "where checkpoints, validation images and the result are written")
+    output_dir: str = option(
+        "genreg-output", "where checkpoints, validation images and the result are written", place="hidden"
+    )
     max_train_steps: int = option(320, "optimizer steps")
     train_batch_size: int = option(8, "samples per process per micro-batch")
-    gradient_accumulation_steps: int = option(1, "micro-batches per optimizer step")
+    gradient_accumulation_steps: int = option(1, "micro-batches per optimizer step", place="advanced")
     learning_rate: float = option(5e-3, "peak learning rate (per sample of the global batch with --scale_lr)")
-    scale_lr: bool = option(False, "multiply the learning rate by the global batch size")
-    lr_scheduler: str = option("constant", "learning-rate schedule", choices=LR_SCHEDULERS)
-    lr_warmup_steps: int = option(0, "warm-up steps of the schedule")
-    adam_beta1: float = option(0.9, "AdamW beta1")
-    adam_beta2: float = option(0.999, "AdamW beta2")
-    adam_weight_decay: float = option(1e-2, "AdamW decoupled weight decay")
-    adam_epsilon: float = option(1e-8, "AdamW epsilon")
-    max_grad_norm: float = option(0.0, "clip the gradient norm to this (0 = no clipping)")
-    mixed_precision: str = option("no", "autocast precision ('fp16' needs a GPU)", choices=PRECISIONS)
+    scale_lr: bool = option(False, "multiply the learning rate by the global batch size", place="advanced")
+    lr_scheduler: str = option("constant", "learning-rate schedule", choices=LR_SCHEDULERS, place="advanced")
+    lr_warmup_steps: int = option(0, "warm-up steps of the schedule", place="advanced")
+    adam_beta1: float = option(0.9, "AdamW beta1", place="advanced")
+    adam_beta2: float = option(0.999, "AdamW beta2", place="advanced")
+    adam_weight_decay: float = option(1e-2, "AdamW decoupled weight decay", place="advanced")
+    adam_epsilon: float = option(1e-8, "AdamW epsilon", place="advanced")
+    max_grad_norm: float = option(0.0, "clip the gradient norm to this (0 = no clipping)", place="advanced")
+    mixed_precision: str = option("no", "autocast precision ('fp16' needs a GPU)", choices=PRECISIONS, place="hidden")
     checkpointing_steps: int = option(100, "write checkpoint-N/ every this many steps (0 = only at the end)")
-    checkpoints_total_limit: int | None = option(None, "keep at most this many checkpoints")
+    checkpoints_total_limit: int | None = option(None, "keep at most this many checkpoints", place="advanced")
     resume_from_checkpoint: str | None = option(None, "'latest' or a checkpoint-N directory to continue from")
-    validation_steps: int = option(0, "write validation images every this many steps (0 = never)")
+    validation_steps: int = option(0, "write validation images every this many steps (0 = never)", place="advanced")
     seed: int = option(0, "seed of the data order, noise and timesteps")
-    report_to: str = option("tensorboard", "'tensorboard' (used when installed) or 'none'")
+    report_to: str = option("tensorboard", "'tensorboard' (used when installed) or 'none'", place="advanced")
 
     def __post_init__(self):
         for name in ("max_train_steps", "train_batch_size", "gradient_accumulation_steps"):
@@ -96,20 +104,73 @@ def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return {name: p for name, p in model.named_parameters() if p.requires_grad}
 
 
+def adamw(params: list[nn.Parameter], config: TrainConfig, lr: float) -> dict[str, torch.optim.Optimizer]:
+    """The default optimizer factory: one AdamW with the config's betas, decoupled weight decay and epsilon."""
+    optimizer = torch.optim.AdamW(
+        params,
+        lr=lr,
+        betas=(config.adam_beta1, config.adam_beta2),
+        weight_decay=config.adam_weight_decay,
+        eps=config.adam_epsilon,
+    )
+    return {DEFAULT_OPTIMIZER: optimizer}
+
+
+@dataclass
+class StepContext:
+    """What an update sees on one training step: the prepared model (``core`` unwrapped), optimizers and their
+    learning-rate schedules by name, and ``micro_batches()``, this process's gradient-accumulation micro-batches."""
+
+    step: int
+    config: TrainConfig
+    accelerator: Accelerator
+    model: nn.Module
+    core: nn.Module
+    params: list[nn.Parameter]
+    optimizers: dict[str, torch.optim.Optimizer]
+    schedules: dict[str, Any]
+    micro_batches: Callable[[], Iterator[dict[str, Any]]]
+
+
+def gradient_step(ctx: StepContext) -> torch.Tensor:
+    """The default update: backward over the micro-batches (gradients synchronised on the last), clipping, then
+    every optimizer and schedule steps once. Returns this process's loss, summed over micro-batches."""
+    config, accelerator = ctx.config, ctx.accelerator
+    step_loss = torch.zeros((), device=accelerator.device)
+    for micro, batch in enumerate(ctx.micro_batches()):
+        last = micro == config.gradient_accumulation_steps - 1
+        # accelerate's prepare() already runs forward under autocast when mixed precision is on
+        with contextlib.nullcontext() if last else accelerator.no_sync(ctx.model):
+            loss = ctx.model(batch) / config.gradient_accumulation_steps
+            accelerator.backward(loss)
+        step_loss += loss.detach()
+    if config.max_grad_norm > 0:
+        accelerator.clip_grad_norm_(ctx.params, config.max_grad_norm)
+    for name, optimizer in ctx.optimizers.items():
+        optimizer.step()
+        ctx.schedules[name].step()
+        optimizer.zero_grad(set_to_none=True)
+    return step_loss
+
+
 def fit(
     objective: nn.Module,
     sample: Callable[[int, int], dict[str, Any]],
     config: TrainConfig,
     *,
+    optimizers: Callable[[list[nn.Parameter], TrainConfig, float], dict[str, torch.optim.Optimizer]] = adamw,
+    update: Callable[[StepContext], torch.Tensor] = gradient_step,
     export: Callable[[nn.Module, Path], None] | None = None,
     validate: Callable[[nn.Module, int], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
     on_step: Callable[[int, float], None] | None = None,
     accelerator: Accelerator | None = None,
 ) -> FitResult:
-    """Trains ``objective``'s trainable parameters with AdamW; returns when ``max_train_steps`` is reached.
+    """Trains ``objective``'s trainable parameters; returns when ``max_train_steps`` is reached.
 
     ``sample(step, i)`` returns sample ``i`` of the global batch of optimizer step ``step`` (tensors and strings).
+    ``optimizers(params, config, lr)`` builds the named optimizers (default: one AdamW); ``update(ctx)`` takes one
+    training step and returns the loss (default: ``gradient_step``); each optimizer gets the config's schedule.
     ``export(objective, directory)`` adds the method's output files to each checkpoint; ``validate(objective, step)``
     runs every ``validation_steps``; ``should_stop()`` after each step (a checkpoint is written, so the run can be
     resumed).
@@ -128,37 +189,39 @@ def fit(
     world, rank = accelerator.num_processes, accelerator.process_index
     global_batch = config.train_batch_size * config.gradient_accumulation_steps * world
     lr = config.learning_rate * (global_batch if config.scale_lr else 1)
-    optimizer = torch.optim.AdamW(
-        params,
-        lr=lr,
-        betas=(config.adam_beta1, config.adam_beta2),
-        weight_decay=config.adam_weight_decay,
-        eps=config.adam_epsilon,
-    )
-    schedule = get_scheduler(
-        config.lr_scheduler,
-        optimizer,
-        num_warmup_steps=config.lr_warmup_steps,
-        num_training_steps=config.max_train_steps,
-    )
-    model, optimizer = accelerator.prepare(objective, optimizer)
+    built = optimizers(params, config, lr)
+    schedules = {
+        name: get_scheduler(
+            config.lr_scheduler,
+            optimizer,
+            num_warmup_steps=config.lr_warmup_steps,
+            num_training_steps=config.max_train_steps,
+        )
+        for name, optimizer in built.items()
+    }
+    model, *prepared = accelerator.prepare(objective, *built.values())
+    opts = dict(zip(built, prepared, strict=True))
     core = accelerator.unwrap_model(model)
 
     start = 0
     checkpoint = resolve_checkpoint(config.resume_from_checkpoint, config.output_dir)
     if checkpoint is not None:
-        start, tensors, optimizer_state, _ = load_checkpoint(checkpoint)
+        start, tensors, optimizer_states, _ = load_checkpoint(checkpoint)
         differ = set(trainable_state(core)) ^ set(tensors)
         if differ:
             raise ValueError(f"{checkpoint} does not match this objective (parameters differ: {sorted(differ)[:5]})")
         with torch.no_grad():
             for name, p in trainable_state(core).items():
                 p.copy_(tensors[name])
-        optimizer.load_state_dict(optimizer_state)
+        if set(optimizer_states) != set(opts):
+            raise ValueError(f"{checkpoint} holds optimizers {sorted(optimizer_states)}, this run {sorted(opts)}")
+        for name, optimizer in opts.items():
+            optimizer.load_state_dict(optimizer_states[name])
         with warnings.catch_warnings():  # fast-forwarding the schedule without optimizer steps is intended here
             warnings.simplefilter("ignore", UserWarning)
-            for _ in range(start):
-                schedule.step()
+            for schedule in schedules.values():
+                for _ in range(start):
+                    schedule.step()
         logger.info("resumed from %s at step %d", checkpoint, start)
     elif config.resume_from_checkpoint:
         logger.info("no checkpoint in %s yet: starting from step 0", config.output_dir)
@@ -174,7 +237,7 @@ def fit(
                 config.output_dir,
                 step,
                 trainable_state(core),
-                optimizer.state_dict(),
+                {name: optimizer.state_dict() for name, optimizer in opts.items()},
                 extra={"global_batch": global_batch, "num_processes": world},
                 total_limit=config.checkpoints_total_limit,
                 export=(lambda directory: export(core, directory)) if export is not None else None,
@@ -188,29 +251,25 @@ def fit(
     )
     for step in range(start, config.max_train_steps):
         model.train()
-        step_loss = torch.zeros((), device=accelerator.device)
-        for micro in range(config.gradient_accumulation_steps):
-            first = (micro * world + rank) * config.train_batch_size
-            batch = default_collate([sample(step, first + j) for j in range(config.train_batch_size)])
-            batch = {k: v.to(accelerator.device) if torch.is_tensor(v) else v for k, v in batch.items()}
-            last = micro == config.gradient_accumulation_steps - 1
-            # accelerate's prepare() already runs forward under autocast when mixed precision is on
-            with contextlib.nullcontext() if last else accelerator.no_sync(model):
-                loss = model(batch) / config.gradient_accumulation_steps
-                accelerator.backward(loss)
-            step_loss += loss.detach()
-        if config.max_grad_norm > 0:
-            accelerator.clip_grad_norm_(params, config.max_grad_norm)
-        optimizer.step()
-        schedule.step()
-        optimizer.zero_grad(set_to_none=True)
+
+        def micro_batches(step: int = step) -> Iterator[dict[str, Any]]:
+            for micro in range(config.gradient_accumulation_steps):
+                first = (micro * world + rank) * config.train_batch_size
+                batch = default_collate([sample(step, first + j) for j in range(config.train_batch_size)])
+                yield {k: v.to(accelerator.device) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+        step_loss = update(StepContext(step, config, accelerator, model, core, params, opts, schedules, micro_batches))
         done = step + 1
         mean_loss = accelerator.reduce(step_loss, "mean").item()
         losses.append(mean_loss)
         bar.update(1)
         bar.set_postfix(loss=f"{mean_loss:.4f}")
         if tracker:
-            accelerator.log({"loss": mean_loss, "lr": schedule.get_last_lr()[0]}, step=done)
+            lrs = {
+                "lr" if name == DEFAULT_OPTIMIZER else f"lr/{name}": schedule.get_last_lr()[0]
+                for name, schedule in schedules.items()
+            }
+            accelerator.log({"loss": mean_loss, **lrs}, step=done)
         if on_step is not None:
             on_step(done, mean_loss)
         if validate is not None and config.validation_steps and done % config.validation_steps == 0:

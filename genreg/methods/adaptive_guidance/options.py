@@ -1,30 +1,24 @@
-"""What a generate or edit request asks for, as config dataclasses: the app's forms are built from these fields.
-
-Field metadata carries the help text (``help``) and, for forms, ``choices``, ``labels`` (what each choice is called),
-``minimum``/``maximum``/``step`` (a slider) and ``lines`` (a multi-line text box). Validation lives in
-``__post_init__`` and raises ValueError naming the problem, as everywhere in genreg.
-"""
+"""One text-to-image request under CFG, Adaptive Guidance or LinearAG, as the CLI and the app describe it, and the
+function that serves it with any SD 1.x/2.x or SDXL pipeline."""
 
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import PIL.Image
 import torch
 
-from .checks import require_nonnegative, require_positive_int, require_prompts
-from .config import option
-from .guidance import SPACES
+from ...checks import require_choice, require_nonnegative, require_positive_int, require_prompts, require_seed
+from ...config import option
+from ...guidance import guided_call, stock_call
+from ...sd import SPACES
+from .policies import make_guidance
 
 GUIDANCES = ("cfg", "ag", "linear_ag")
 GUIDANCE_LABELS = {"cfg": "CFG", "ag": "Adaptive Guidance", "linear_ag": "LinearAG"}
-EDIT_PRESETS = ("local", "style")  # the presets of genreg.methods.guide_and_rescale
-
-
-def _require_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise ValueError(f"{name} {value!r} is unknown; choose one of {', '.join(choices)}")
 
 
 @dataclass
@@ -32,7 +26,7 @@ class GenerateOptions:
     """One text-to-image request under CFG, Adaptive Guidance or LinearAG (``AdaptiveGuidancePipeline``'s
     arguments)."""
 
-    prompt: str = option("a red circle on the left", "what to draw", lines=2)
+    prompt: str | list[str] = option("a red circle on the left", "what to draw (several: one row each)", lines=2)
     negative_prompt: str = option("", "what to steer away from (empty: nothing)")
     guidance: str = option(
         "ag",
@@ -42,25 +36,35 @@ class GenerateOptions:
         labels=GUIDANCE_LABELS,
     )
     guidance_scale: float = option(5.0, "classifier-free guidance scale (1 = no guidance)", minimum=0, maximum=20)
-    num_inference_steps: int = option(25, "denoising steps", minimum=1, maximum=150, step=1)
-    num_images: int = option(4, "images to draw for the prompt", minimum=1, maximum=16, step=1)
+    num_inference_steps: int = option(25, "denoising steps", minimum=1, maximum=150, step=1, aliases=("--steps",))
+    num_images: int = option(
+        4, "images to draw for each prompt", minimum=1, maximum=16, step=1, aliases=("--images-per-prompt",)
+    )
     seed: int = option(0, "random seed: image k starts from the noise of seed + k")
-    gamma_bar: float = option(0.99, "AG: the cosine gamma_bar at which CFG ends (above 1: never, plain CFG)")
-    guidance_space: str = option("x0", "AG: where the cosine of the two predictions is measured", choices=SPACES)
-    min_cfg_steps: int = option(1, "AG: first steps that always get CFG", minimum=0, maximum=50, step=1)
+    gamma_bar: float = option(
+        0.99, "AG: the cosine gamma_bar at which CFG ends (above 1: never, plain CFG)", place="advanced"
+    )
+    guidance_space: str = option(
+        "x0", "AG: where the cosine of the two predictions is measured", choices=SPACES, place="advanced"
+    )
+    min_cfg_steps: int = option(
+        1, "AG: first steps that always get CFG", minimum=0, maximum=50, step=1, place="advanced"
+    )
     linear_ag_coefficients: str = option(
-        "", "LinearAG: the linear_ag.json written by scripts/calibrate_adaptive_guidance.py for this model"
+        "",
+        "LinearAG: the linear_ag.json written by scripts/calibrate_adaptive_guidance.py for this model",
+        place="advanced",
     )
 
     def __post_init__(self):
         require_prompts(self.prompt)
-        _require_choice("guidance", self.guidance, GUIDANCES)
-        _require_choice("guidance_space", self.guidance_space, SPACES)
+        require_choice("guidance", self.guidance, GUIDANCES)
+        require_choice("guidance_space", self.guidance_space, SPACES)
         require_nonnegative("guidance_scale", self.guidance_scale)
         require_positive_int("num_inference_steps", self.num_inference_steps)
         require_positive_int("num_images", self.num_images)
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
-            raise ValueError(f"seed must be a whole number >= 0, got {self.seed!r}")
+        require_seed(self.seed)
+        require_seed(self.seed + len(require_prompts(self.prompt)) * self.num_images - 1, "the last image's seed")
         if not isinstance(self.gamma_bar, (int, float)) or not math.isfinite(self.gamma_bar):
             raise ValueError(f"gamma_bar must be a finite number, got {self.gamma_bar!r}")
         if isinstance(self.min_cfg_steps, bool) or not isinstance(self.min_cfg_steps, int) or self.min_cfg_steps < 0:
@@ -82,9 +86,11 @@ class GenerateOptions:
     def pipeline_kwargs(self, **overrides) -> dict:
         """Keyword arguments of ``AdaptiveGuidancePipeline.__call__`` (one CPU generator per image, so image k is the
         same whatever the batch size and device)."""
+        prompts = require_prompts(self.prompt)
+        n, negative = len(prompts) * self.num_images, self.negative_prompt or None
         kwargs = {
             "prompt": self.prompt,
-            "negative_prompt": self.negative_prompt or None,
+            "negative_prompt": [negative] * len(prompts) if isinstance(self.prompt, list) and negative else negative,
             "guidance": self.guidance,
             "guidance_scale": float(self.guidance_scale),
             "num_inference_steps": self.num_inference_steps,
@@ -93,27 +99,37 @@ class GenerateOptions:
             "guidance_space": self.guidance_space,
             "min_cfg_steps": self.min_cfg_steps,
             "linear_ag_coefficients": self.linear_ag_coefficients or None,
-            "generator": [torch.Generator("cpu").manual_seed(self.seed + k) for k in range(self.num_images)],
+            "generator": [torch.Generator("cpu").manual_seed(self.seed + k) for k in range(n)],
         }
         return kwargs | overrides
 
 
 @dataclass
-class EditOptions:
-    """One Guide-and-Rescale edit: what the image shows, what it should show, and the preset to start from."""
+class SampleResult:
+    """Images of one request (prompt by prompt, ``num_images`` each), the NFE spent on each, the wall time, and a
+    line that says so."""
 
-    source_prompt: str = option("a large red circle on the left", "the image as it is")
-    target_prompt: str = option("a large blue circle on the left", "the same words, changed to say the edit")
-    preset: str = option(
-        "local",
-        "'local' edits objects and keeps the rest; 'style' restyles the whole image",
-        choices=EDIT_PRESETS,
-        labels={"local": "local edit", "style": "style"},
+    images: list[PIL.Image.Image]
+    nfe: list[int]
+    seconds: float
+    summary: str
+
+
+def generate(pipe, options: GenerateOptions) -> SampleResult:
+    """Serves ``options`` with ``pipe`` (any stock SD 1.x/2.x or SDXL text-to-image pipeline) under its policy."""
+    kwargs = options.pipeline_kwargs()
+    policy = make_guidance(
+        kwargs.pop("guidance"),
+        kwargs.pop("gamma_bar"),
+        kwargs.pop("guidance_space"),
+        kwargs.pop("min_cfg_steps"),
+        kwargs.pop("linear_ag_coefficients"),
     )
-    num_inference_steps: int = option(50, "DDIM steps, for the inversion and for the edit", minimum=1, maximum=100)
-
-    def __post_init__(self):
-        require_prompts(self.source_prompt, "source prompt")
-        require_prompts(self.target_prompt, "target prompt")
-        _require_choice("preset", self.preset, EDIT_PRESETS)
-        require_positive_int("num_inference_steps", self.num_inference_steps)
+    start = time.perf_counter()
+    out, nfe, _ = guided_call(stock_call(pipe), pipe, policy, kwargs.pop("prompt"), **kwargs)
+    seconds = time.perf_counter() - start
+    summary = (
+        f"{len(out.images)} images, {options.num_inference_steps} steps, guidance {options.guidance}: "
+        f"{sum(nfe) / len(nfe):.1f} NFE per image vs {options.cfg_nfe} for CFG, {seconds:.1f}s"
+    )
+    return SampleResult(out.images, nfe, seconds, summary)

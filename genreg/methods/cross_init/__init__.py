@@ -9,13 +9,15 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
 
-from ..config import option
-from ..training import TrainConfig
-from .embeddings import EmbeddingConfig, PlaceholderVectors, encoder_outputs, train_embedding
+from ...config import option
+from ...embeddings import EmbeddingConfig, PlaceholderVectors, encoder_outputs, train_embedding
+from ...registry import Method, register
+from ...training import TrainConfig
 
 # Reference phrases per subject class. Column k of the init averages the k-th token of every phrase, so
 # "first last" names give a mean first-name and a mean last-name vector, as the paper's name list does.
@@ -35,7 +37,7 @@ REFERENCE_WORDS: dict[str, list[str]] = {
 def tinyworld_reference_words(shape: str | None = None) -> list[str]:
     """The tiny world's counterpart of a list of names: every base-world "colour shape" name, or, given a shape (the
     subject's class, as "person" is a face's), every base colour of that shape."""
-    from ..tinyworld.world import OBJECT_ATTRIBUTES, allowed_values
+    from ...tinyworld.world import OBJECT_ATTRIBUTES, allowed_values
 
     if shape is not None and shape not in OBJECT_ATTRIBUTES["shape"]:
         raise ValueError(f"tiny-world shape {shape!r} unknown; choose one of {', '.join(OBJECT_ATTRIBUTES['shape'])}")
@@ -54,8 +56,12 @@ class CrossInitConfig(EmbeddingConfig):
     subject_class: str = option(
         "person", "default reference words: person, dog, cat, tinyworld (every shape) or tinyworld:SHAPE"
     )
-    reference_words: list[str] | None = option(None, "reference names/phrases (overrides --subject_class)")
-    reference_file: str | None = option(None, "a file of reference names, one per line (overrides both)")
+    reference_words: list[str] | None = option(
+        None, "reference names/phrases (overrides --subject_class)", place="advanced"
+    )
+    reference_file: str | None = option(
+        None, "a file of reference names, one per line (overrides both)", place="advanced"
+    )
     reg_weight: float = option(1e-5, "lambda: weight of the L2 distance to the initial embedding")
 
     def __post_init__(self):
@@ -102,6 +108,11 @@ def mean_token_rows(text_encoder, tokenizer, words: list[str], num_vectors: int)
     return torch.stack([torch.stack(c).mean(0) for c in columns])
 
 
+def init_distance(vectors: torch.Tensor, init: torch.Tensor, weight: float) -> torch.Tensor:
+    """lambda * mean_k ||v_k - v_k^0||_2 (Cross Initialization Sec. 3): the unsquared L2 pull towards the init."""
+    return weight * (vectors - init).norm(dim=-1).mean()
+
+
 def train_cross_init(pipe, config: CrossInitConfig, train: TrainConfig, **fit_kwargs) -> Path:
     """Trains a Cross Initialization embedding on ``pipe``; returns the ``learned_embeds.safetensors`` path."""
     words = config.words()
@@ -110,4 +121,29 @@ def train_cross_init(pipe, config: CrossInitConfig, train: TrainConfig, **fit_kw
         rows = mean_token_rows(pipe.text_encoder, pipe.tokenizer, words, config.num_vectors)
         return encoder_outputs(pipe.text_encoder, pipe.tokenizer, placeholder, rows)
 
-    return train_embedding(pipe, config, train, init, reg_weight=config.reg_weight, **fit_kwargs)
+    regularizer = partial(init_distance, weight=config.reg_weight) if config.reg_weight else None
+    return train_embedding(pipe, config, train, init, regularizer, **fit_kwargs)
+
+
+METHOD = register(
+    Method(
+        name="cross-init",
+        kind="trainer",
+        title="Cross Initialization",
+        help="learn a subject's token embedding from a few images, started from the text encoder's output for"
+        " reference names (Pang et al., CVPR 2024)",
+        config=CrossInitConfig,
+        run=train_cross_init,
+        train_defaults={"max_train_steps": 320, "learning_rate": 5e-3, "train_batch_size": 8},
+    )
+)
+
+__all__ = [
+    "METHOD",
+    "REFERENCE_WORDS",
+    "CrossInitConfig",
+    "init_distance",
+    "mean_token_rows",
+    "tinyworld_reference_words",
+    "train_cross_init",
+]

@@ -1,4 +1,5 @@
-"""Learned token embeddings: placeholder tokens, their trainable rows, the shared trainer, and the saved file.
+"""Learned token embeddings, the layer the embedding methods share: placeholder tokens, their trainable rows, the
+diffusion-loss objective with an optional method-supplied regulariser, the trainer, and the saved file.
 
 A placeholder of N vectors is N new tokens named as diffusers names them (``<tok>``, ``<tok>_1``, ...), so the
 saved ``learned_embeds.safetensors`` (``{"<tok>": tensor[N, d]}``) loads with ``pipe.load_textual_inversion`` and
@@ -18,13 +19,18 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from ..config import option
-from ..diffusion import diffusion_target, encode_latents, noise_and_timesteps
-from ..training import ImageFolder, TrainConfig, fit, process_state, sample_rng
-from ..training.data import TEMPLATES
+from .config import option
+from .diffusion import encode_latents, noise_and_timesteps
+from .io import atomic_write
+from .sd import diffusion_target
+from .training import ImageFolder, TrainConfig, fit, process_state, sample_rng
+from .training.data import TEMPLATES
 
 EMBEDS_FILE = "learned_embeds.safetensors"
 INIT_FILE = "initial_embeds.safetensors"  # v^0, kept beside the result to show how far training moved it
+
+# R(v, v^0): a method's scalar term added to the diffusion loss, from the (N, d) vectors and their initial values
+Regularizer = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 def placeholder_names(token: str, num_vectors: int) -> list[str]:
@@ -82,11 +88,8 @@ class PlaceholderVectors(nn.Module):
 
 def save_learned_embeds(path: str | Path, token: str, vectors: torch.Tensor) -> Path:
     """``{token: tensor[N, d]}`` in safetensors, the format ``load_textual_inversion`` reads; written atomically."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    save_file({token: vectors.detach().float().cpu().contiguous()}, str(tmp), metadata={"format": "pt"})
-    tmp.replace(path)
-    return path
+    tensors = {token: vectors.detach().float().cpu().contiguous()}
+    return atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt"}))
 
 
 def load_learned_embeds(path: str | Path) -> tuple[str, torch.Tensor]:
@@ -111,9 +114,9 @@ def encoder_outputs(text_encoder, tokenizer, placeholder: PlaceholderVectors, ro
 
 
 class EmbeddingObjective(nn.Module):
-    """L = ||target - net(z_t, t, E(y))||^2 + lambda * mean_k ||v_k - v_k^0||_2 (Cross Init Sec. 3; lambda = 0: TI)."""
+    """L = ||target - net(z_t, t, E(y))||^2 (Gal et al. 2022, Eq. 2) + R(v, v^0) when a method supplies R."""
 
-    def __init__(self, pipe, placeholder: PlaceholderVectors, reg_weight: float = 0.0):
+    def __init__(self, pipe, placeholder: PlaceholderVectors, regularizer: Regularizer | None = None):
         super().__init__()
         self.unet, self.vae, self.text_encoder = pipe.unet, pipe.vae, pipe.text_encoder
         for module in (self.unet, self.vae, self.text_encoder):
@@ -121,7 +124,7 @@ class EmbeddingObjective(nn.Module):
         self.scheduler = pipe.scheduler
         self.placeholder = placeholder
         self.register_buffer("init", placeholder.vectors.detach().clone())
-        self.reg_weight = reg_weight
+        self.regularizer = regularizer
 
     def forward(self, batch: dict) -> torch.Tensor:
         with torch.no_grad():
@@ -132,8 +135,8 @@ class EmbeddingObjective(nn.Module):
         cond = self.text_encoder(batch["input_ids"])[0].to(self.unet.dtype)
         pred = self.unet(self.scheduler.add_noise(x0, noise, t), t, cond).sample
         loss = F.mse_loss(pred.float(), diffusion_target(self.scheduler, x0, noise, t).float())
-        if self.reg_weight:
-            loss = loss + self.reg_weight * (self.placeholder.vectors - self.init).norm(dim=-1).mean()
+        if self.regularizer is not None:
+            loss = loss + self.regularizer(self.placeholder.vectors, self.init)
         return loss
 
 
@@ -141,16 +144,22 @@ class EmbeddingObjective(nn.Module):
 class EmbeddingConfig:
     """What an embedding trainer needs besides the shared training settings."""
 
-    train_data_dir: str = option("", "folder of subject images (captions in metadata.jsonl may use {} for the token)")
+    train_data_dir: str = option(
+        "", "folder of subject images (captions in metadata.jsonl may use {} for the token)", place="hidden"
+    )
     placeholder_token: str = option("<subject>", "the new token that names the subject in prompts")
     num_vectors: int = option(2, "embedding vectors behind the placeholder")
     learnable_property: str = option(
-        "object", "prompt templates when images have no captions", choices=("object", "style")
+        "object", "prompt templates when images have no captions", choices=("object", "style"), place="advanced"
     )
-    resolution: int = option(0, "training resolution (0 = the model's native size)")
-    center_crop: bool = option(True, "crop to a centred square (else squash)")
-    flip_p: float = option(0.5, "probability of a horizontal flip (use 0 when captions name left/right)")
-    validation_prompt: str | None = option(None, "a prompt with {} for the token, sampled every --validation_steps")
+    resolution: int = option(0, "training resolution (0 = the model's native size)", place="advanced")
+    center_crop: bool = option(True, "crop to a centred square (else squash)", place="advanced")
+    flip_p: float = option(
+        0.5, "probability of a horizontal flip (use 0 when captions name left/right)", place="advanced"
+    )
+    validation_prompt: str | None = option(
+        None, "a prompt with {} for the token, sampled every --validation_steps", place="advanced"
+    )
 
     def __post_init__(self):
         if not self.train_data_dir:
@@ -166,10 +175,12 @@ def train_embedding(
     config: EmbeddingConfig,
     train: TrainConfig,
     init: Callable[[PlaceholderVectors], torch.Tensor],
-    reg_weight: float = 0.0,
+    regularizer: Regularizer | None = None,
     **fit_kwargs,
 ) -> Path:
     """Adds ``config.placeholder_token`` to ``pipe``, trains its vectors from ``init(placeholder)``, saves them.
+
+    The loss is the diffusion loss plus ``regularizer(v, v^0)`` when given (``None``: plain textual inversion).
 
     Returns the path of ``learned_embeds.safetensors`` in ``train.output_dir``; each ``checkpoint-N/`` holds one
     too, and ``initial_embeds.safetensors`` keeps the initial vectors. On return ``pipe`` generates with the token.
@@ -183,7 +194,7 @@ def train_embedding(
     placeholder = PlaceholderVectors(text_encoder, ids, text_encoder.get_input_embeddings().weight[ids])
     with torch.no_grad():
         placeholder.vectors.copy_(init(placeholder))
-    objective = EmbeddingObjective(pipe, placeholder, reg_weight).to(pipe.device)
+    objective = EmbeddingObjective(pipe, placeholder, regularizer).to(pipe.device)
     token = config.placeholder_token
     if process_state().is_main_process:
         Path(train.output_dir).mkdir(parents=True, exist_ok=True)
@@ -205,7 +216,7 @@ def train_embedding(
         save_learned_embeds(directory / EMBEDS_FILE, token, core.placeholder.vectors)
 
     def validate(core: EmbeddingObjective, step: int) -> None:
-        from ..io import image_grid, save_image
+        from .io import image_grid, save_image
 
         prompt = prompt_with(config.validation_prompt, token, config.num_vectors)
         images = pipe([prompt] * 4, num_inference_steps=25, generator=torch.Generator().manual_seed(train.seed)).images

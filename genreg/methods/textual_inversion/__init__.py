@@ -7,9 +7,10 @@ from pathlib import Path
 
 import torch
 
-from ..config import option
-from ..training import TrainConfig
-from .embeddings import EmbeddingConfig, PlaceholderVectors, train_embedding
+from ...config import option
+from ...embeddings import EmbeddingConfig, PlaceholderVectors, train_embedding
+from ...registry import Method, register
+from ...training import TrainConfig
 
 
 @dataclass
@@ -37,4 +38,20 @@ def train_textual_inversion(pipe, config: TextualInversionConfig, train: TrainCo
     def init(placeholder: PlaceholderVectors) -> torch.Tensor:
         return initializer_vectors(pipe.text_encoder, pipe.tokenizer, config.initializer_token, config.num_vectors)
 
-    return train_embedding(pipe, config, train, init, reg_weight=0.0, **fit_kwargs)
+    return train_embedding(pipe, config, train, init, **fit_kwargs)
+
+
+METHOD = register(
+    Method(
+        name="textual-inversion",
+        kind="trainer",
+        title="Textual Inversion",
+        help="learn a subject's token embedding from a few images, started from a word's embedding"
+        " (Gal et al. 2022; the baseline)",
+        config=TextualInversionConfig,
+        run=train_textual_inversion,
+        train_defaults={"max_train_steps": 1000, "learning_rate": 5e-3, "train_batch_size": 8},
+    )
+)
+
+__all__ = ["METHOD", "TextualInversionConfig", "initializer_vectors", "single_token_id", "train_textual_inversion"]

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -11,16 +12,37 @@ from . import registry
 from .config import add_arguments, from_namespace, given
 
 DTYPES = ("float32", "float16", "bfloat16")
+LOW_CONFIDENCE = 0.9  # fresh renders read at 0.96 or more
 PRECISION_DTYPES = {"fp16": "float16", "bf16": "bfloat16", "no": None}
 
 
+def quiet_libraries() -> None:
+    """Keeps diffusers' and transformers' notices and loading bars out of a plain command's output (errors still
+    show; sampling and training keep their progress bars). Call before they are imported for the import-time ones."""
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+    import diffusers.utils.logging
+    import transformers.utils.logging
+
+    diffusers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()  # "Loading weights"; diffusers' bars are sampling's too
+
+
 def _load(args: argparse.Namespace):
+    import diffusers.utils.logging
     import torch
 
     from .models import load_pipeline
 
     dtype = getattr(torch, args.dtype) if args.dtype else None
-    return load_pipeline(args.model, device=args.device, dtype=dtype)
+    if args.verbose:
+        return load_pipeline(args.model, device=args.device, dtype=dtype)
+    diffusers.utils.logging.disable_progress_bar()  # "Loading pipeline components", not the sampling bar after it
+    try:
+        return load_pipeline(args.model, device=args.device, dtype=dtype)
+    finally:
+        diffusers.utils.logging.enable_progress_bar()
 
 
 def _enlarged(image, scale: int):
@@ -112,7 +134,9 @@ def _evaluate(args: argparse.Namespace) -> None:
     evaluator = Evaluator.load()
     for path, reading in zip(args.images, evaluator.read(images), strict=True):
         objects = "; ".join(f"{pos}: {' '.join(a.values())}" for pos, a in reading.objects.items())
-        print(f"{path}: {objects or 'no object'} ({reading.background} background)")
+        doubt = " (low: this may not be a tiny-world scene)" if reading.confidence < LOW_CONFIDENCE else ""
+        sure = f"confidence {reading.confidence:.2f}{doubt}"
+        print(f"{path}: {objects or 'no object'} ({reading.background} background; {sure})")
     scores = evaluator.score(images, prompts)
     print(" ".join(f"{k}={v:.3f}" for k, v in scores.items() if k != "n"))
 
@@ -133,6 +157,7 @@ def _model_flags(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--device", default=None, help="cuda, cpu, ... (default: cuda when available)")
     parser.add_argument("--dtype", choices=DTYPES, default=None, help="default: float16 on GPU, float32 on CPU")
+    parser.add_argument("--verbose", action="store_true", help="show the libraries' notices and loading bars")
 
 
 def _output_flags(parser: argparse.ArgumentParser, default: str, what: str) -> None:
@@ -188,6 +213,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    if "--verbose" not in (sys.argv[1:] if argv is None else argv):
+        quiet_libraries()
     args = build_parser().parse_args(argv)
     try:
         args.func(args)

@@ -10,6 +10,7 @@ construction (it is not even seen by the optimizer).
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +25,7 @@ from .diffusion import encode_latents, noise_and_timesteps
 from .io import atomic_write
 from .sd import diffusion_target
 from .training import ImageFolder, TrainConfig, fit, process_state, sample_rng
-from .training.data import TEMPLATES
+from .training.data import TEMPLATES, check_caption
 
 EMBEDS_FILE = "learned_embeds.safetensors"
 INIT_FILE = "initial_embeds.safetensors"  # v^0, kept beside the result to show how far training moved it
@@ -166,6 +167,13 @@ class EmbeddingConfig:
             raise ValueError("train_data_dir is empty: pass the folder of subject images")
         if self.num_vectors < 1:
             raise ValueError(f"num_vectors must be at least 1, got {self.num_vectors}")
+        if self.validation_prompt is not None:
+            check_caption(self.validation_prompt, "validation_prompt")
+            if "{}" not in self.validation_prompt:
+                raise ValueError(
+                    f"validation_prompt {self.validation_prompt!r} has no {{}} where the token goes, e.g. 'a {{}} on "
+                    "the left'"
+                )
         if self.learnable_property not in TEMPLATES:
             raise ValueError(f"learnable_property must be one of {', '.join(TEMPLATES)}")
 
@@ -196,6 +204,9 @@ def train_embedding(
         placeholder.vectors.copy_(init(placeholder))
     objective = EmbeddingObjective(pipe, placeholder, regularizer).to(pipe.device)
     token = config.placeholder_token
+    # What a resumed run must share with this one (where the images are may change; validation does not matter).
+    kept = {k: v for k, v in dataclasses.asdict(config).items() if k not in ("train_data_dir", "validation_prompt")}
+    run_settings = {"method": type(config).__name__, **kept}
     if process_state().is_main_process:
         Path(train.output_dir).mkdir(parents=True, exist_ok=True)
         save_learned_embeds(Path(train.output_dir) / INIT_FILE, token, placeholder.vectors)
@@ -227,6 +238,7 @@ def train_embedding(
         sample,
         train,
         export=export,
+        settings=run_settings,
         validate=validate if config.validation_prompt else None,
         **fit_kwargs,
     )

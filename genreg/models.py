@@ -7,6 +7,7 @@ from pathlib import Path
 
 import torch
 from diffusers import DiffusionPipeline
+from safetensors import SafetensorError
 
 BUNDLED = ("tinyworld",)
 
@@ -85,8 +86,14 @@ def load_pipeline(
     dtype = dtype if dtype is not None else default_dtype(device)
     try:
         pipe = DiffusionPipeline.from_pretrained(source, dtype=dtype, local_files_only=True, **kwargs)
-    except OSError as err:
-        if Path(source).is_dir():
+    except (OSError, ValueError, KeyError, AttributeError, SafetensorError) as err:
+        if Path(source).is_dir():  # a damaged directory: a truncated weights file, a bad index, a missing part
+            raise ValueError(
+                f"cannot load the model in {source} ({type(err).__name__}: {str(err).strip()[:300]}); a diffusers "
+                "directory needs model_index.json and, for each component it names, a folder with its config and "
+                "complete weights: copy it again, or re-save it with pipe.save_pretrained(...)"
+            ) from err
+        if not isinstance(err, OSError):
             raise
         raise FileNotFoundError(
             f"model {source!r} is not in the local Hugging Face cache, and genreg never downloads at run time. On a "

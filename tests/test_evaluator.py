@@ -80,4 +80,18 @@ def test_input_checks(evaluator):
     # Other sizes are resized to 64x64 first (a large object: a small one's shape may not survive resampling).
     image, _ = render(Scene((Obj("square", "blue", "large", "left"),), "white"))
     big = image.resize((128, 128))
-    assert evaluator.read([big])[0] == evaluator.read(np.asarray(image)[None])[0]
+    resized, original = evaluator.read([big])[0], evaluator.read(np.asarray(image)[None])[0]
+    assert (resized.objects, resized.background) == (original.objects, original.background)
+
+
+def test_empty_scenes_hold_no_object_and_readings_say_how_sure(evaluator, renders):
+    from PIL import Image
+
+    blank = [Image.new("RGB", (64, 64), color) for color in ("white", "black", (240, 240, 240), (24, 24, 24))]
+    for reading in evaluator.read(blank):
+        assert reading.objects == {}
+    assert evaluator.score(blank[:2], ["a red star", "a green star"])["all_correct"] == 0.0
+    images, _ = renders
+    assert min(r.confidence for r in evaluator.read(images)) > 0.9
+    noise = np.random.default_rng(0).integers(0, 256, (4, 64, 64, 3), dtype=np.uint8)
+    assert np.mean([r.confidence for r in evaluator.read(noise)]) < 0.95

@@ -145,3 +145,35 @@ def test_cli_output_checks(tmp_path, capsys):
     assert main(edit) == 2
     assert "would overwrite it" in capsys.readouterr().err
     assert Image.open(image).getpixel((0, 0)) == (255, 255, 255)  # the original is untouched
+
+
+def test_a_plain_command_is_quiet_unless_verbose(tmp_path, capfd):
+    argv = ["generate", "a red circle", "--steps", "2", "--num_images", "1", "--out", str(tmp_path / "g.png")]
+    assert main(argv) == 0
+    err = capfd.readouterr().err
+    assert "Loading pipeline components" not in err and "Loading weights" not in err and "float32" not in err
+    assert "2/2" in err  # the sampling progress bar stays
+    assert main([*argv, "--verbose"]) == 0
+    assert "Loading pipeline components" in capfd.readouterr().err
+
+
+@pytest.mark.parametrize("damage", ["truncated unet", "bad index", "missing component"])
+def test_a_damaged_model_directory_is_a_clear_error(tmp_path, damage, capsys):
+    from diffusers import StableDiffusionPipeline
+
+    from genreg.testing import tiny_sd_components
+
+    StableDiffusionPipeline(**tiny_sd_components()).save_pretrained(tmp_path)
+    if damage == "truncated unet":
+        weights = tmp_path / "unet" / "diffusion_pytorch_model.safetensors"
+        weights.write_bytes(weights.read_bytes()[:1000])
+    elif damage == "bad index":
+        (tmp_path / "model_index.json").write_text("{ not json")
+    else:
+        import shutil
+
+        shutil.rmtree(tmp_path / "vae")
+    capsys.readouterr()  # what saving printed
+    assert main(["generate", "a red circle", "--model", str(tmp_path), "--out", str(tmp_path / "g.png")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("genreg: error: cannot load the model in") and "Traceback" not in err

@@ -233,3 +233,29 @@ def test_bad_tokens_and_words(tmp_path, data_dir):
         CrossInitConfig()
     with pytest.raises(ValueError, match="max_train_steps"):
         TrainConfig(max_train_steps=0)
+
+
+@pytest.mark.parametrize(
+    "row, message",
+    [
+        ('{"file_name": "a.png", "text": "a {} with {braces}"}', "braces other than one"),
+        ('{"file_name": "a.png", "text": 3}', "is a int, not text"),
+        ('["a.png", "a {}"]', "expected"),
+    ],
+)
+def test_bad_captions_are_refused_when_the_data_is_read(tmp_path, row, message):
+    from PIL import Image
+
+    from genreg.training import ImageFolder
+
+    Image.new("RGB", (32, 32)).save(tmp_path / "a.png")
+    (tmp_path / "metadata.jsonl").write_text(row + "\n")
+    with pytest.raises(ValueError, match=message):
+        ImageFolder(tmp_path, 32)
+
+
+def test_a_validation_prompt_needs_its_placeholder(data_dir):
+    with pytest.raises(ValueError, match="has no \\{\\} where the token goes"):
+        ci_config(data_dir, validation_prompt="a star")
+    with pytest.raises(ValueError, match="braces other than one"):
+        ci_config(data_dir, validation_prompt="a {} {oops}")

@@ -123,3 +123,49 @@ def test_default_update_is_adamw_and_refuses_another_runs_optimizers(tmp_path):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-7)
     with pytest.raises(ValueError, match="holds optimizers"):
         run(tmp_path, "a", resume_from_checkpoint="latest", max_train_steps=6)
+
+
+def test_a_fresh_run_into_another_runs_folder_is_refused(tmp_path):
+    run(tmp_path, "r", max_train_steps=3)
+    with pytest.raises(ValueError, match="holds the checkpoints of an earlier run.*--resume_from_checkpoint latest"):
+        run(tmp_path, "r", max_train_steps=3)
+
+
+def test_resuming_with_other_settings_is_refused(tmp_path):
+    run(tmp_path, "r", stop_after=2)
+    for change, name in (({"seed": 1}, "seed"), ({"train_batch_size": 4}, "global_batch")):
+        with pytest.raises(ValueError, match=f"other settings \\({name}"):
+            run(tmp_path, "r", resume_from_checkpoint="latest", **change)
+    fit(TwoPlayers(), sample, config(tmp_path, "m", max_train_steps=2), settings={"method": "b"})
+    with pytest.raises(ValueError, match="method: 'b' there, 'c' now"):
+        fit(TwoPlayers(), sample, config(tmp_path, "m", resume_from_checkpoint="latest"), settings={"method": "c"})
+
+
+def test_a_damaged_latest_checkpoint_falls_back_to_the_one_before(tmp_path, caplog):
+    whole, _ = run(tmp_path, "whole")
+    run(tmp_path, "split", stop_after=4, checkpointing_steps=2)
+    damaged = tmp_path / "split" / "checkpoint-4" / "trainable.safetensors"
+    damaged.write_bytes(damaged.read_bytes()[:20])  # truncated, as by a crash mid-copy
+    resumed, result = run(tmp_path, "split", resume_from_checkpoint="latest", checkpointing_steps=2)
+    assert "checkpoint-4 cannot be read" in caplog.text and len(result.losses) == 4  # steps 3..6 again
+    for a, b in zip(whole.parameters(), resumed.parameters(), strict=True):
+        assert torch.equal(a, b)
+
+
+def test_a_full_disk_keeps_the_previous_checkpoint_and_says_so(tmp_path, monkeypatch):
+    import errno
+
+    import genreg.training.checkpoints as checkpoints
+
+    real, calls = checkpoints.save_file, {"n": 0}
+
+    def full(tensors, path, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] > 3:  # the second checkpoint: trainable + two optimizers were the first
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(tensors, path, *args, **kwargs)
+
+    monkeypatch.setattr(checkpoints, "save_file", full)
+    with pytest.raises(OSError, match="no space left .* checkpoint-6; the earlier checkpoints are intact"):
+        run(tmp_path, "disk")
+    assert [p.name for p in (tmp_path / "disk").iterdir() if "checkpoint" in p.name] == ["checkpoint-3"]

@@ -86,10 +86,24 @@ def to_tensor(images) -> torch.Tensor:
 
 @dataclass
 class Reading:
-    """What the evaluator sees in one image: objects by position (attribute -> value), and the background."""
+    """What the evaluator sees in one image: objects by position (attribute -> value), the background, and its
+    confidence: the mean probability of the values it read (low for images that are not tiny-world scenes)."""
 
     objects: dict[str, dict[str, str]]
     background: str
+    confidence: float = 1.0
+
+
+EMPTY_PIXELS = 16  # a small object covers ~150 pixels; fewer changed ones than this is an empty scene
+
+
+def is_empty(x: torch.Tensor) -> torch.Tensor:
+    """(B,) bool: nothing but the background is drawn, i.e. fewer than ``EMPTY_PIXELS`` pixels differ from the
+    border's median colour. The network was trained on scenes that always hold an object, so this is what tells it an
+    empty one; scenes with objects are read as the network reads them."""
+    border = torch.cat([x[..., 0, :], x[..., -1, :], x[..., :, 0], x[..., :, -1]], dim=-1)
+    changed = (x - border.median(dim=-1).values[..., None, None]).abs().amax(dim=1) > 0.15  # (B, H, W)
+    return changed.flatten(1).sum(dim=1) < EMPTY_PIXELS
 
 
 class Evaluator:
@@ -123,17 +137,23 @@ class Evaluator:
         return F.normalize(self._run(images)[0], dim=-1)
 
     def read(self, images) -> list[Reading]:
-        _, heads, bg = self._run(images)
-        present = heads[0].squeeze(-1) > 0
-        values = [logits.argmax(-1) for logits in heads[1:]]
+        x = to_tensor(images)
+        _, heads, bg = self._run(x)
+        present = (heads[0].squeeze(-1) > 0) & ~is_empty(x)[:, None]
+        probs = [logits.softmax(-1) for logits in heads[1:]]
+        bg_probs = bg.softmax(-1)
         readings = []
         for b in range(len(bg)):
+            slots = [s for s in range(len(POSITIONS)) if present[b, s]]
             objects = {
-                pos: {name: OBJECT_ATTRIBUTES[name][int(values[k][b, s])] for k, name in enumerate(SLOT_ATTRIBUTES)}
-                for s, pos in enumerate(POSITIONS)
-                if present[b, s]
+                POSITIONS[s]: {
+                    name: OBJECT_ATTRIBUTES[name][int(p[b, s].argmax())]
+                    for name, p in zip(SLOT_ATTRIBUTES, probs, strict=True)
+                }
+                for s in slots
             }
-            readings.append(Reading(objects, BACKGROUNDS[int(bg[b].argmax())]))
+            sure = [float(bg_probs[b].max())] + [float(probs[k][b, s].max()) for s in slots for k in range(len(probs))]
+            readings.append(Reading(objects, BACKGROUNDS[int(bg[b].argmax())], sum(sure) / len(sure)))
         return readings
 
     def accuracy(self, images, scenes: list[Scene]) -> dict[str, float]:

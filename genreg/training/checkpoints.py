@@ -7,16 +7,21 @@ so the step alone restores them: resuming continues exactly where the run stoppe
 
 from __future__ import annotations
 
+import errno
 import json
+import logging
 import re
 import shutil
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from ..io import atomic_write
+
+logger = logging.getLogger(__name__)
 
 DEFAULT_OPTIMIZER = "optimizer"  # the one optimizer of most methods; its files keep the plain names
 _NAME = re.compile(r"^checkpoint-(\d+)$")
@@ -100,11 +105,31 @@ def save_checkpoint(
             json.dumps({"step": step, "optimizers": list(optimizer_states), **(extra or {})}, indent=1)
         )
 
-    final = atomic_write(root / f"checkpoint-{step}", write)
+    try:
+        final = atomic_write(root / f"checkpoint-{step}", write)
+    except OSError as err:
+        if err.errno != errno.ENOSPC:
+            raise
+        raise OSError(
+            errno.ENOSPC,
+            f"no space left on the disk of {root} while writing checkpoint-{step}; the earlier checkpoints are intact:"
+            " free some space and continue with --resume_from_checkpoint latest",
+        ) from None
     if total_limit is not None:
         for old in list_checkpoints(root)[:-total_limit]:
             shutil.rmtree(old)
     return final
+
+
+def load_latest_intact(output_dir: str | Path) -> tuple[Path, tuple] | None:
+    """The newest checkpoint in ``output_dir`` that loads, with what ``load_checkpoint`` returns; a damaged one (a
+    truncated file, say) is skipped with a warning that names it. None when there is none."""
+    for path in reversed(list_checkpoints(output_dir)):
+        try:
+            return path, load_checkpoint(path)
+        except (OSError, ValueError, KeyError, SafetensorError) as err:
+            logger.warning("%s cannot be read (%s): falling back to the checkpoint before it", path, err)
+    return None
 
 
 def load_checkpoint(path: str | Path) -> tuple[int, dict[str, torch.Tensor], dict[str, dict], dict]:

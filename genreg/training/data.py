@@ -72,6 +72,22 @@ STYLE_TEMPLATES = [
 TEMPLATES = {"object": OBJECT_TEMPLATES, "style": STYLE_TEMPLATES}
 
 
+def check_caption(text: object, where: str) -> str:
+    """A caption or prompt as text that ``{}`` fills with the placeholder, or an error naming ``where`` and the fix:
+    checked when the data is read, so a bad one cannot end a run at a random later step."""
+    if not isinstance(text, str):
+        raise ValueError(f"{where}: the caption is a {type(text).__name__}, not text; write it as a string")
+    if "{}" in text:
+        try:
+            text.format("x")
+        except (IndexError, KeyError, ValueError) as err:
+            raise ValueError(
+                f"{where}: caption {text!r} has braces other than one {{}} for the token ({err!r}); write literal "
+                "braces as {{ and }}"
+            ) from None
+    return text
+
+
 def sample_rng(seed: int, step: int, index: int) -> np.random.Generator:
     """The random stream of sample ``index`` at step ``step``: independent of batch layout and process count."""
     return np.random.default_rng([seed, step, index])
@@ -132,7 +148,7 @@ class ImageFolder:
                 mask = torch.from_numpy((np.asarray(fitted) > 127).astype(np.float32))[None]
             caption = captions.get(path.name)
             if caption is None and path.with_suffix(".txt").is_file():
-                caption = path.with_suffix(".txt").read_text().strip()
+                caption = check_caption(path.with_suffix(".txt").read_text().strip(), str(path.with_suffix(".txt")))
             self.items.append(Item(pixels, caption, mask))
         self.size, self.flip_p = size, flip_p
         self.templates = TEMPLATES[learnable_property]
@@ -147,9 +163,10 @@ class ImageFolder:
             if line.strip():
                 try:
                     row = json.loads(line)
-                    out[row["file_name"]] = row["text"]
-                except (json.JSONDecodeError, KeyError) as err:
+                    name, text = row["file_name"], row["text"]
+                except (json.JSONDecodeError, KeyError, TypeError) as err:
                     raise ValueError(f"{meta} line {n}: expected {{'file_name': ..., 'text': ...}} ({err})") from err
+                out[str(name)] = check_caption(text, f"{meta} line {n}")
         return out
 
     def __len__(self) -> int:

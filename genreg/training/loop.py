@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import importlib.util
+import json
 import logging
 import math
 import os
@@ -35,7 +36,14 @@ from torch.utils.data import default_collate
 from tqdm.auto import tqdm
 
 from ..config import option
-from .checkpoints import DEFAULT_OPTIMIZER, load_checkpoint, resolve_checkpoint, save_checkpoint
+from .checkpoints import (
+    DEFAULT_OPTIMIZER,
+    list_checkpoints,
+    load_checkpoint,
+    load_latest_intact,
+    resolve_checkpoint,
+    save_checkpoint,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -104,6 +112,35 @@ def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return {name: p for name, p in model.named_parameters() if p.requires_grad}
 
 
+# Training settings that decide which data and noise a step sees and how it updates: a resumed run must keep them.
+# The global batch (processes x batch x accumulation) decides the samples; how it is split does not.
+RESUME_SETTINGS = ("seed", "learning_rate", "scale_lr", "lr_scheduler", "lr_warmup_steps")
+
+
+def run_settings(config: TrainConfig, world: int, method: dict | None) -> dict:
+    """What a checkpoint records of its run, to refuse resuming it as another."""
+    global_batch = config.train_batch_size * config.gradient_accumulation_steps * world
+    train = {name: getattr(config, name) for name in RESUME_SETTINGS} | {"global_batch": global_batch}
+    return json.loads(json.dumps({"train": train, "method": method or {}}))  # as a checkpoint reads it back
+
+
+def check_run_settings(recorded: dict | None, run: dict, checkpoint: Path) -> None:
+    """Refuses to resume ``checkpoint`` with settings other than its own, naming each and the fix."""
+    if recorded is None:  # written before runs were recorded
+        return
+    differ = [
+        f"{name}: {recorded[part].get(name)!r} there, {value!r} now"
+        for part in ("train", "method")
+        for name, value in run[part].items()
+        if recorded.get(part, {}).get(name, value) != value
+    ]
+    if differ:
+        raise ValueError(
+            f"{checkpoint} was trained with other settings ({'; '.join(differ)}): resume it with the same flags, or "
+            "start a new run in a new --output_dir"
+        )
+
+
 def adamw(params: list[nn.Parameter], config: TrainConfig, lr: float) -> dict[str, torch.optim.Optimizer]:
     """The default optimizer factory: one AdamW with the config's betas, decoupled weight decay and epsilon."""
     optimizer = torch.optim.AdamW(
@@ -161,6 +198,7 @@ def fit(
     optimizers: Callable[[list[nn.Parameter], TrainConfig, float], dict[str, torch.optim.Optimizer]] = adamw,
     update: Callable[[StepContext], torch.Tensor] = gradient_step,
     export: Callable[[nn.Module, Path], None] | None = None,
+    settings: dict | None = None,
     validate: Callable[[nn.Module, int], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
     on_step: Callable[[int, float], None] | None = None,
@@ -169,6 +207,9 @@ def fit(
     """Trains ``objective``'s trainable parameters; returns when ``max_train_steps`` is reached.
 
     ``sample(step, i)`` returns sample ``i`` of the global batch of optimizer step ``step`` (tensors and strings).
+    ``settings`` (JSON-ready: the method and its config) are recorded in every checkpoint with the training settings
+    that decide the data and the update; resuming with others is refused, as is a fresh run into an ``output_dir``
+    that holds another run's checkpoints.
     ``optimizers(params, config, lr)`` builds the named optimizers (default: one AdamW); ``update(ctx)`` takes one
     training step and returns the loss (default: ``gradient_step``); each optimizer gets the config's schedule.
     ``export(objective, directory)`` adds the method's output files to each checkpoint; ``validate(objective, step)``
@@ -204,9 +245,22 @@ def fit(
     core = accelerator.unwrap_model(model)
 
     start = 0
-    checkpoint = resolve_checkpoint(config.resume_from_checkpoint, config.output_dir)
+    run = run_settings(config, world, settings)
+    if config.resume_from_checkpoint == "latest":
+        found = load_latest_intact(config.output_dir)
+        checkpoint, loaded = found if found is not None else (None, None)
+    else:
+        checkpoint = resolve_checkpoint(config.resume_from_checkpoint, config.output_dir)
+        loaded = load_checkpoint(checkpoint) if checkpoint is not None else None
+        if checkpoint is None and list_checkpoints(config.output_dir):
+            raise ValueError(
+                f"{config.output_dir} holds the checkpoints of an earlier run "
+                f"({list_checkpoints(config.output_dir)[-1].name}): pass --resume_from_checkpoint latest to continue "
+                "it, or choose a new --output_dir"
+            )
     if checkpoint is not None:
-        start, tensors, optimizer_states, _ = load_checkpoint(checkpoint)
+        start, tensors, optimizer_states, meta = loaded
+        check_run_settings(meta.get("run"), run, checkpoint)
         differ = set(trainable_state(core)) ^ set(tensors)
         if differ:
             raise ValueError(f"{checkpoint} does not match this objective (parameters differ: {sorted(differ)[:5]})")
@@ -238,7 +292,7 @@ def fit(
                 step,
                 trainable_state(core),
                 {name: optimizer.state_dict() for name, optimizer in opts.items()},
-                extra={"global_batch": global_batch, "num_processes": world},
+                extra={"global_batch": global_batch, "num_processes": world, "run": run},
                 total_limit=config.checkpoints_total_limit,
                 export=(lambda directory: export(core, directory)) if export is not None else None,
             )

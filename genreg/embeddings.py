@@ -38,6 +38,17 @@ def placeholder_names(token: str, num_vectors: int) -> list[str]:
     return [token] + [f"{token}_{i}" for i in range(1, num_vectors)]
 
 
+def require_new_tokens(tokenizer, names: list[str]) -> None:
+    """Refuses placeholder names the tokenizer already knows: a learnt token must not take over a word."""
+    vocab = tokenizer.get_vocab()
+    taken = [n for n in names if n in vocab or n.lower() in vocab or f"{n.lower()}</w>" in vocab]
+    if taken:
+        raise ValueError(
+            f"placeholder {taken[0]!r} is already in the tokenizer's vocabulary: a learnt token would take over that "
+            f"word; choose a new token, e.g. '<{taken[0].strip('<>')}-v2>'"
+        )
+
+
 def add_placeholder(tokenizer, text_encoder, token: str, num_vectors: int) -> list[int]:
     """Adds the placeholder's tokens and embedding rows; returns their ids."""
     if not token or any(c.isspace() for c in token):
@@ -45,13 +56,7 @@ def add_placeholder(tokenizer, text_encoder, token: str, num_vectors: int) -> li
     if num_vectors < 1:
         raise ValueError(f"num_vectors must be at least 1, got {num_vectors}")
     names = placeholder_names(token, num_vectors)
-    vocab = tokenizer.get_vocab()
-    taken = [n for n in names if n in vocab or n.lower() in vocab or f"{n.lower()}</w>" in vocab]
-    if taken:
-        raise ValueError(
-            f"placeholder {taken[0]!r} is already in the tokenizer's vocabulary: choose a new token, "
-            f"e.g. '<{token.strip('<>')}-v2>'"
-        )
+    require_new_tokens(tokenizer, names)
     tokenizer.add_tokens(names)
     ids = tokenizer.convert_tokens_to_ids(names)
     text_encoder.resize_token_embeddings(len(tokenizer), mean_resizing=False)  # the rows are set right after
@@ -99,6 +104,8 @@ def load_learned_embeds(path: str | Path) -> tuple[str, torch.Tensor]:
     if len(tensors) != 1:
         raise ValueError(f"{path} holds {len(tensors)} tensors; an embeddings file holds one (token -> vectors)")
     ((token, vectors),) = tensors.items()
+    if not torch.isfinite(vectors).all():
+        raise ValueError(f"{path} holds NaN or infinite values for {token!r}: the file is damaged; train it again")
     return token, vectors if vectors.ndim == 2 else vectors[None]
 
 

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 gradio_client = pytest.importorskip("gradio_client")
@@ -243,6 +244,15 @@ def test_personalize_from_uploads_then_generate_with_the_token(app, client, tmp_
         api_name="/generate_with_token",
     )
     assert prompt == f"a large {TOKEN} in the center" and len(images) == 2
+
+    from safetensors.torch import save_file
+
+    for name, key, value in (("nan", TOKEN, torch.full_like(vectors, float("nan"))), ("word", "star", vectors)):
+        bad = tmp_path / f"{name}.safetensors"
+        save_file({key: value.contiguous()}, str(bad))
+        message = "NaN or infinite" if name == "nan" else "would take over that word"
+        with pytest.raises(AppError, match=message):
+            client.predict(embeddings=handle_file(bad), prompt="a star", api_name="/generate_with_token")
 
 
 def test_stopped_training_writes_a_checkpoint_and_resumes(app, client):

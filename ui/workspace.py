@@ -28,6 +28,7 @@ from diffusers import DiffusionPipeline, StableDiffusionPipeline, StableDiffusio
 
 import genreg.methods  # noqa: F401  (registers every method)
 from genreg import registry
+from genreg.embeddings import load_learned_embeds, placeholder_names, require_new_tokens
 from genreg.io import load_image
 from genreg.models import BUNDLED, load_pipeline
 from genreg.registry import Method
@@ -207,6 +208,8 @@ class Workspace:
         pipe = type(self.pipeline(sampler)).from_pipe(self.base, text_encoder=text_encoder, tokenizer=tokenizer)
         pipe.set_progress_bar_config(disable=True)
         try:
+            token, vectors = load_learned_embeds(embeds)  # refuses damaged (non-finite) vectors
+            require_new_tokens(tokenizer, placeholder_names(token, len(vectors)))  # no word is taken over
             pipe.load_textual_inversion(str(embeds))
         except Exception as err:  # diffusers raises several kinds for a file that is not a token embedding
             raise ValueError(f"{embeds.name} is not a usable token embedding for this model: {err}") from err

@@ -50,7 +50,7 @@ def _enlarged(image, scale: int):
 
 
 def _sample(method: registry.Method, args: argparse.Namespace) -> None:
-    from .checks import require_positive_int
+    from .checks import require_positive_int, require_prompts
     from .io import check_output_path, image_grid, save_image
 
     options = from_namespace(method.config, args)
@@ -58,7 +58,7 @@ def _sample(method: registry.Method, args: argparse.Namespace) -> None:
     check_output_path(args.out)
     pipe = _load(args)
     result = method.run(pipe, options)
-    prompts = options.prompt if isinstance(options.prompt, list) else [options.prompt]
+    prompts = require_prompts(options.prompt)
     grid = image_grid(result.images, cols=options.num_images if len(prompts) > 1 else None)
     path = save_image(_enlarged(grid, args.display_scale), args.out)
     print(f"wrote {path} ({result.summary})")

@@ -172,12 +172,18 @@ def guided(unet, policy: Guidance, scheduler, batch_size: int):
         registry.remove_hook("genreg_guidance", recurse=False)
 
 
+def stock_class(cls: type) -> type:
+    """The diffusers pipeline class that ``cls`` is or extends (the first diffusers class in its MRO with a
+    ``__call__``), skipping any genreg mixin above it."""
+    for base in cls.__mro__:
+        if base.__module__.startswith("diffusers.") and "__call__" in vars(base):
+            return base
+    raise TypeError(f"{cls.__name__} is not a diffusers pipeline")
+
+
 def stock_call(pipe) -> Callable:
-    """The diffusers ``__call__`` of ``pipe``'s class, bound to ``pipe``, skipping any genreg mixin above it."""
-    for cls in type(pipe).__mro__:
-        if cls.__module__.startswith("diffusers.") and "__call__" in vars(cls):
-            return vars(cls)["__call__"].__get__(pipe)
-    raise TypeError(f"{type(pipe).__name__} is not a diffusers pipeline")
+    """The diffusers ``__call__`` of ``pipe``'s class, bound to ``pipe``."""
+    return vars(stock_class(type(pipe)))["__call__"].__get__(pipe)
 
 
 def guided_call(

@@ -64,8 +64,6 @@ def image_grid(images: list[Image.Image], cols: int | None = None) -> Image.Imag
 def check_output_path(path: str | os.PathLike, overwrite_of: str | os.PathLike | None = None) -> Path:
     """Refuses, before any work, an output image path that cannot be written: a folder, an unknown extension, a
     folder that cannot be created or written, or (``overwrite_of``) the input file itself."""
-    from PIL import Image
-
     path = Path(path)
     if path.is_dir():
         raise ValueError(f"output {path} is a folder; name an image file in it, e.g. {path / 'out.png'}")

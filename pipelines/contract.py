@@ -8,13 +8,7 @@ import inspect
 import json
 from collections.abc import Callable
 
-
-def stock_class(cls: type) -> type:
-    """The diffusers pipeline class that ``cls`` extends (the first diffusers class in its MRO with a ``__call__``)."""
-    for base in cls.__mro__:
-        if base.__module__.startswith("diffusers.") and "__call__" in vars(base):
-            return base
-    raise TypeError(f"{cls.__name__} extends no diffusers pipeline")
+from genreg.guidance import stock_class
 
 
 def merged_signature(stock: Callable, extra: list[inspect.Parameter]) -> inspect.Signature:
@@ -26,9 +20,9 @@ def merged_signature(stock: Callable, extra: list[inspect.Parameter]) -> inspect
 
 def bind_stock(stock: Callable, args: tuple, kwargs: dict) -> dict:
     """The stock call's arguments by name, positional ones mapped as the stock signature orders them."""
-    bound = inspect.signature(stock).bind_partial(*args, **kwargs)
-    named = dict(bound.arguments)
-    for name, param in inspect.signature(stock).parameters.items():
+    signature = inspect.signature(stock)
+    named = dict(signature.bind_partial(*args, **kwargs).arguments)
+    for name, param in signature.parameters.items():
         if param.kind is inspect.Parameter.VAR_KEYWORD and name in named:
             named |= named.pop(name)
     return named

@@ -3,7 +3,7 @@
     python scripts/bench_tinyworld.py [--single 200] [--double 100] [--steps 25]
     python scripts/bench_tinyworld.py --device cuda --dtype float16 --name tinyworld_cuda_fp16  # GPU parity check
 
-- evaluator: per-attribute accuracy on fresh renders (a seed the training never used), named and unnamed attributes;
+- evaluator: per-attribute accuracy on fresh renders (a seed the training never used), named and detail attributes;
 - model: prompt adherence read by the evaluator, for single- and two-object prompts, each image with its own seed,
   at guidance 5 and at guidance 1 (no CFG); at guidance 5 also the single-object scenes with pattern and outline
   named, and with the background named (reported per background);

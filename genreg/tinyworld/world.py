@@ -41,12 +41,12 @@ OBJECT_ATTRIBUTES: dict[str, tuple[str, ...]] = {
     "outline": OUTLINES,
 }
 NAMED_ATTRIBUTES = ("shape", "color", "size", "position")
-DETAIL_ATTRIBUTES = ("pattern", "outline")  # named by a share of captions only (``caption(detail_p=...)``)
 # The word a caption uses for each detail value (the defaults are named too, so "named" can mean "solid").
 DETAIL_WORDS: dict[str, dict[str, str]] = {
     "pattern": {p: p for p in ("solid", "striped", "dotted", "checkered")},
     "outline": {"none": "plain", "outlined": "outlined"},
 }
+DETAIL_ATTRIBUTES = tuple(DETAIL_WORDS)  # named by a share of captions only (``caption(detail_p=...)``)
 
 # Values the base model never sees in training. Renderer and evaluator know them.
 HELD_OUT: dict[str, tuple[str, ...]] = {"shape": ("moon",), "color": ("cyan",), "pattern": ("checkered",)}

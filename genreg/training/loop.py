@@ -117,9 +117,8 @@ def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
 RESUME_SETTINGS = ("seed", "learning_rate", "scale_lr", "lr_scheduler", "lr_warmup_steps")
 
 
-def run_settings(config: TrainConfig, world: int, method: dict | None) -> dict:
+def run_settings(config: TrainConfig, global_batch: int, method: dict | None) -> dict:
     """What a checkpoint records of its run, to refuse resuming it as another."""
-    global_batch = config.train_batch_size * config.gradient_accumulation_steps * world
     train = {name: getattr(config, name) for name in RESUME_SETTINGS} | {"global_batch": global_batch}
     return json.loads(json.dumps({"train": train, "method": method or {}}))  # as a checkpoint reads it back
 
@@ -245,17 +244,18 @@ def fit(
     core = accelerator.unwrap_model(model)
 
     start = 0
-    run = run_settings(config, world, settings)
+    run = run_settings(config, global_batch, settings)
     if config.resume_from_checkpoint == "latest":
         found = load_latest_intact(config.output_dir)
         checkpoint, loaded = found if found is not None else (None, None)
     else:
         checkpoint = resolve_checkpoint(config.resume_from_checkpoint, config.output_dir)
         loaded = load_checkpoint(checkpoint) if checkpoint is not None else None
-        if checkpoint is None and list_checkpoints(config.output_dir):
+        earlier = list_checkpoints(config.output_dir) if checkpoint is None else []
+        if earlier:
             raise ValueError(
                 f"{config.output_dir} holds the checkpoints of an earlier run "
-                f"({list_checkpoints(config.output_dir)[-1].name}): pass --resume_from_checkpoint latest to continue "
+                f"({earlier[-1].name}): pass --resume_from_checkpoint latest to continue "
                 "it, or choose a new --output_dir"
             )
     if checkpoint is not None:
@@ -292,7 +292,7 @@ def fit(
                 step,
                 trainable_state(core),
                 {name: optimizer.state_dict() for name, optimizer in opts.items()},
-                extra={"global_batch": global_batch, "num_processes": world, "run": run},
+                extra={"num_processes": world, "run": run},
                 total_limit=config.checkpoints_total_limit,
                 export=(lambda directory: export(core, directory)) if export is not None else None,
             )

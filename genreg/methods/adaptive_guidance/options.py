@@ -57,14 +57,14 @@ class GenerateOptions:
     )
 
     def __post_init__(self):
-        require_prompts(self.prompt)
+        prompts = require_prompts(self.prompt)
         require_choice("guidance", self.guidance, GUIDANCES)
         require_choice("guidance_space", self.guidance_space, SPACES)
         require_nonnegative("guidance_scale", self.guidance_scale)
         require_positive_int("num_inference_steps", self.num_inference_steps)
         require_positive_int("num_images", self.num_images)
         require_seed(self.seed)
-        require_seed(self.seed + len(require_prompts(self.prompt)) * self.num_images - 1, "the last image's seed")
+        require_seed(self.seed + len(prompts) * self.num_images - 1, "the last image's seed")
         if not isinstance(self.gamma_bar, (int, float)) or not math.isfinite(self.gamma_bar):
             raise ValueError(f"gamma_bar must be a finite number, got {self.gamma_bar!r}")
         if isinstance(self.min_cfg_steps, bool) or not isinstance(self.min_cfg_steps, int) or self.min_cfg_steps < 0:

@@ -37,10 +37,10 @@ def _load(args: argparse.Namespace):
 
     dtype = getattr(torch, args.dtype) if args.dtype else None
     if args.verbose:
-        return load_pipeline(args.model, device=args.device, dtype=dtype)
+        return load_pipeline(args.model, device=args.device, dtype=dtype, config=args.model_config)
     diffusers.utils.logging.disable_progress_bar()  # "Loading pipeline components", not the sampling bar after it
     try:
-        return load_pipeline(args.model, device=args.device, dtype=dtype)
+        return load_pipeline(args.model, device=args.device, dtype=dtype, config=args.model_config)
     finally:
         diffusers.utils.logging.enable_progress_bar()
 
@@ -86,8 +86,11 @@ def add_trainer_arguments(parser: argparse.ArgumentParser, method: registry.Meth
     from .training import TrainConfig
 
     parser.add_argument(
-        "--pretrained_model_name_or_path", default="tinyworld", help="'tinyworld', a diffusers directory or hub id"
+        "--pretrained_model_name_or_path",
+        default="tinyworld",
+        help="'tinyworld', a diffusers directory, a hub id, or a .safetensors single file (with --model_config)",
     )
+    _model_config_flag(parser)
     add_arguments(parser, method.config)
     add_arguments(parser, TrainConfig)
     parser.set_defaults(**method.train_defaults)
@@ -108,6 +111,7 @@ def run_trainer(method: registry.Method, args: argparse.Namespace) -> Path:
         args.pretrained_model_name_or_path,
         device=str(process_state().device),
         dtype=getattr(torch, dtype) if dtype else torch.float32,
+        config=args.model_config,
     )
     pipe.set_progress_bar_config(disable=True)
     return method.run(pipe, config, train)
@@ -117,7 +121,7 @@ def trainer_main(name: str, argv: list[str] | None = None) -> None:
     """Entry point of ``scripts/train_<name>.py`` (runs under ``accelerate launch`` or ``torchrun``)."""
     import genreg.methods  # noqa: F401  (registers the methods)
 
-    method = registry.get(name.replace("_", "-"), "trainer")
+    method = registry.get(name.replace("_", "-"), registry.TRAINING)
     parser = argparse.ArgumentParser(description=method.help)
     add_trainer_arguments(parser, method)
     print(f"wrote {run_trainer(method, parser.parse_args(argv))}")
@@ -148,7 +152,27 @@ def _ui(args: argparse.Namespace) -> None:
     from genreg.ui import launch
 
     dtype = getattr(torch, args.dtype) if args.dtype else None
-    launch(args.model, host=args.host, port=args.port, device=args.device, dtype=dtype, runs_dir=args.runs_dir)
+    launch(
+        args.model,
+        host=args.host,
+        port=args.port,
+        device=args.device,
+        dtype=dtype,
+        runs_dir=args.runs_dir,
+        models=args.allow_model,
+        model_switch=args.allow_model_switch,
+        model_config=args.model_config,
+    )
+
+
+def _model_config_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--model_config",
+        "--model-config",
+        default=None,
+        help="when the model is a single-file .safetensors checkpoint: a local diffusers directory of the same "
+        "architecture (e.g. the model's original repository folder) or 'tinyworld', for its configs and tokenizer",
+    )
 
 
 def _model_flags(parser: argparse.ArgumentParser) -> None:
@@ -177,6 +201,7 @@ def build_parser() -> argparse.ArgumentParser:
         cmd = sub.add_parser(method.command, help=method.help, description=method.help)
         add_arguments(cmd, method.config, dashes=True, positional=("prompt",))
         _model_flags(cmd)
+        _model_config_flag(cmd)
         _output_flags(cmd, "genreg_grid.png", "image grid")
         cmd.set_defaults(func=lambda args, m=method: _sample(m, args))
 
@@ -187,6 +212,7 @@ def build_parser() -> argparse.ArgumentParser:
         if method.settings is not None:  # unset: the preset's value
             add_arguments(cmd, method.settings, dashes=True, unset_is_none=True)
         _model_flags(cmd)
+        _model_config_flag(cmd)
         _output_flags(cmd, "genreg_edit.png", "edited image")
         cmd.add_argument("--progress", action="store_true", help="show a progress bar")
         cmd.set_defaults(func=lambda args, m=method: _edit(m, args))
@@ -198,7 +224,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     train = sub.add_parser("train", help="train a method (personalization, fine-tuning, ...)")
     trainers = train.add_subparsers(dest="method", required=True)
-    for method in registry.methods("trainer"):
+    for method in registry.methods(registry.TRAINING):
         cmd = trainers.add_parser(method.name, help=method.help, description=method.help)
         add_trainer_arguments(cmd, method)
         cmd.set_defaults(func=lambda args, m=method: print(f"wrote {run_trainer(m, args)}"))
@@ -207,7 +233,20 @@ def build_parser() -> argparse.ArgumentParser:
     app.add_argument("--host", default="127.0.0.1", help="address to bind (default: this machine only)")
     app.add_argument("--port", type=int, default=7860, help="port to serve on")
     app.add_argument("--runs-dir", default="genreg-runs", help="where training runs started in the app are kept")
+    app.add_argument(
+        "--allow-model",
+        action="append",
+        default=[],
+        metavar="PATH_OR_NAME",
+        help="a model the app may switch to besides --model and tinyworld (repeatable; needs --allow-model-switch)",
+    )
+    app.add_argument(
+        "--allow-model-switch",
+        action="store_true",
+        help="let the app's users switch the shared model, for everyone, among the allowed ones (default: fixed)",
+    )
     _model_flags(app)
+    _model_config_flag(app)
     app.set_defaults(func=_ui)
     return parser
 

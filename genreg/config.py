@@ -18,7 +18,8 @@ T = TypeVar("T")
 def option(default: Any, help: str, **kwargs: Any) -> Any:
     """A dataclass field with help text and surface metadata: ``choices=``; ``place=`` "main" (default),
     "advanced" or "hidden" (where the app shows it; hidden fields are not shown); ``aliases=`` extra command-line
-    spellings; and form hints (``labels``, ``minimum``/``maximum``/``step``, ``lines``)."""
+    spellings; and form hints (``labels``, ``minimum``/``maximum``/``step``, ``lines``, and ``file_types`` for a
+    path to a file the user brings: the app asks for an upload of those types)."""
     factory = {"default_factory": default} if callable(default) else {"default": default}
     return dataclasses.field(**factory, metadata={"help": help, **kwargs})
 

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
-from .sd import scale_latents
+from .sd import diffusion_target, scale_latents
 
 
 def encode_latents(vae, pixels: torch.Tensor) -> torch.Tensor:
@@ -20,3 +21,14 @@ def noise_and_timesteps(seeds: torch.Tensor, shape: tuple[int, ...], num_train_t
         steps.append(int(torch.randint(0, num_train_timesteps, (1,), generator=g)))
         noise.append(torch.randn(shape, generator=g))
     return torch.stack(noise).to(device, dtype), torch.tensor(steps, device=device)
+
+
+def diffusion_loss(unet, vae, scheduler, batch: dict, cond: torch.Tensor) -> torch.Tensor:
+    """||target - net(z_t, t, c)||^2 over ``batch["pixel_values"]``, each sample noised from ``batch["seed"]``."""
+    with torch.no_grad():
+        x0 = encode_latents(vae, batch["pixel_values"]).to(unet.dtype)
+    noise, t = noise_and_timesteps(
+        batch["seed"], x0.shape[1:], scheduler.config.num_train_timesteps, x0.device, x0.dtype
+    )
+    pred = unet(scheduler.add_noise(x0, noise, t), t, cond.to(unet.dtype)).sample
+    return F.mse_loss(pred.float(), diffusion_target(scheduler, x0, noise, t).float())

@@ -16,16 +16,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .config import option
-from .diffusion import encode_latents, noise_and_timesteps
+from .diffusion import diffusion_loss
 from .io import atomic_write
-from .sd import diffusion_target
-from .training import ImageFolder, TrainConfig, fit, process_state, sample_rng
-from .training.data import TEMPLATES, check_caption
+from .training import TrainConfig, fit, process_state
+from .training.data import TEMPLATES, ImageDataConfig, check_caption
 
 EMBEDS_FILE = "learned_embeds.safetensors"
 INIT_FILE = "initial_embeds.safetensors"  # v^0, kept beside the result to show how far training moved it
@@ -135,43 +133,27 @@ class EmbeddingObjective(nn.Module):
         self.regularizer = regularizer
 
     def forward(self, batch: dict) -> torch.Tensor:
-        with torch.no_grad():
-            x0 = encode_latents(self.vae, batch["pixel_values"]).to(self.unet.dtype)
-        noise, t = noise_and_timesteps(
-            batch["seed"], x0.shape[1:], self.scheduler.config.num_train_timesteps, x0.device, x0.dtype
-        )
-        cond = self.text_encoder(batch["input_ids"])[0].to(self.unet.dtype)
-        pred = self.unet(self.scheduler.add_noise(x0, noise, t), t, cond).sample
-        loss = F.mse_loss(pred.float(), diffusion_target(self.scheduler, x0, noise, t).float())
+        loss = diffusion_loss(self.unet, self.vae, self.scheduler, batch, self.text_encoder(batch["input_ids"])[0])
         if self.regularizer is not None:
             loss = loss + self.regularizer(self.placeholder.vectors, self.init)
         return loss
 
 
 @dataclass
-class EmbeddingConfig:
+class EmbeddingConfig(ImageDataConfig):
     """What an embedding trainer needs besides the shared training settings."""
 
-    train_data_dir: str = option(
-        "", "folder of subject images (captions in metadata.jsonl may use {} for the token)", place="hidden"
-    )
     placeholder_token: str = option("<subject>", "the new token that names the subject in prompts")
     num_vectors: int = option(2, "embedding vectors behind the placeholder")
     learnable_property: str = option(
         "object", "prompt templates when images have no captions", choices=("object", "style"), place="advanced"
-    )
-    resolution: int = option(0, "training resolution (0 = the model's native size)", place="advanced")
-    center_crop: bool = option(True, "crop to a centred square (else squash)", place="advanced")
-    flip_p: float = option(
-        0.5, "probability of a horizontal flip (use 0 when captions name left/right)", place="advanced"
     )
     validation_prompt: str | None = option(
         None, "a prompt with {} for the token, sampled every --validation_steps", place="advanced"
     )
 
     def __post_init__(self):
-        if not self.train_data_dir:
-            raise ValueError("train_data_dir is empty: pass the folder of subject images")
+        super().__post_init__()
         if self.num_vectors < 1:
             raise ValueError(f"num_vectors must be at least 1, got {self.num_vectors}")
         if self.validation_prompt is not None:
@@ -202,8 +184,7 @@ def train_embedding(
     """
     if getattr(pipe, "text_encoder_2", None) is not None:
         raise ValueError("embedding training supports pipelines with one text encoder (SD 1.x/2.x), not SDXL yet")
-    size = config.resolution or pipe.unet.config.sample_size * pipe.vae_scale_factor
-    data = ImageFolder(config.train_data_dir, size, config.center_crop, config.flip_p, config.learnable_property)
+    data = config.read(pipe, config.learnable_property)
     tokenizer, text_encoder = pipe.tokenizer, pipe.text_encoder
     ids = add_placeholder(tokenizer, text_encoder, config.placeholder_token, config.num_vectors)
     placeholder = PlaceholderVectors(text_encoder, ids, text_encoder.get_input_embeddings().weight[ids])
@@ -218,17 +199,10 @@ def train_embedding(
         Path(train.output_dir).mkdir(parents=True, exist_ok=True)
         save_learned_embeds(Path(train.output_dir) / INIT_FILE, token, placeholder.vectors)
 
+    names = " ".join(placeholder_names(token, config.num_vectors))
+
     def sample(step: int, index: int) -> dict:
-        rng = sample_rng(train.seed, step, index)
-        example = data.example(rng, " ".join(placeholder_names(token, config.num_vectors)))
-        input_ids = tokenizer(
-            example["prompt"], padding="max_length", max_length=tokenizer.model_max_length, truncation=True
-        ).input_ids
-        return {
-            "pixel_values": example["pixel_values"],
-            "input_ids": torch.tensor(input_ids),
-            "seed": int(rng.integers(2**62)),
-        }
+        return data.sample(tokenizer, train.seed, step, index, names)
 
     def export(core: EmbeddingObjective, directory: Path) -> None:
         save_learned_embeds(directory / EMBEDS_FILE, token, core.placeholder.vectors)

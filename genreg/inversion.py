@@ -10,12 +10,15 @@ match what sampling with that scheduler does.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 
 import torch
 from diffusers import DDIMScheduler
 
 from .sd import to_space
+
+logger = logging.getLogger(__name__)
 
 Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -25,6 +28,24 @@ def ddim_scheduler(scheduler_or_config) -> DDIMScheduler:
     diffusers scheduler (or its config); sample clipping and thresholding are off, as an inversion cannot undo them."""
     config = getattr(scheduler_or_config, "config", scheduler_or_config)
     return DDIMScheduler.from_config(config, clip_sample=False, thresholding=False)
+
+
+def required_ddim(scheduler) -> DDIMScheduler:
+    """``ddim_scheduler`` for a method that must sample with DDIM: a scheduler of another kind is converted with a
+    warning (the pipeline keeps its own), one without a DDPM noise schedule (flow matching, EDM) is refused."""
+    config = scheduler.config
+    if "beta_schedule" not in config or "num_train_timesteps" not in config:
+        raise ValueError(
+            f"{type(scheduler).__name__} has no DDPM noise schedule, so DDIM inversion cannot run on it; this method "
+            "supports SD 1.x/2.x and SDXL models (DDIM, PNDM, Euler, DPM-Solver and other DDPM-schedule schedulers)"
+        )
+    if not isinstance(scheduler, DDIMScheduler):
+        logger.warning(
+            "this method inverts and samples with DDIM (eta 0): the pipeline's %s is converted to DDIM with the same "
+            "noise schedule and prediction type for this call; the pipeline keeps its own scheduler",
+            type(scheduler).__name__,
+        )
+    return ddim_scheduler(scheduler)
 
 
 def step_alphas(scheduler: DDIMScheduler, timestep: torch.Tensor | int) -> tuple[torch.Tensor, torch.Tensor]:

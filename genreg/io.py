@@ -8,6 +8,7 @@ import shutil
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 
@@ -36,14 +37,27 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     return atomic_write(path, lambda tmp: tmp.write_text(text))
 
 
+def to_rgb(image: Image.Image) -> Image.Image:
+    """An image of any mode as 8-bit RGB; 16-bit and 32-bit grey levels are scaled down, not clipped to white."""
+    if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        levels = np.asarray(image, dtype=np.float64)
+        if image.mode == "F" and np.nanmax(levels, initial=0.0) <= 1.0:
+            levels = levels * 255
+        elif image.mode != "F" and (image.mode.startswith("I;16") or levels.max(initial=0) > 255):
+            levels = levels / 257  # 0..65535 -> 0..255
+        image = Image.fromarray(np.nan_to_num(levels).clip(0, 255).round().astype(np.uint8))
+    return image if image.mode == "RGB" else image.convert("RGB")
+
+
 def load_image(path: str | os.PathLike) -> Image.Image:
-    """Opens an image file as RGB, or raises an error that says what is wrong with it."""
+    """Opens an image file as RGB (16-bit files scaled to 8 bits), or raises an error that says what is wrong."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"image file {path} does not exist")
     try:
         with Image.open(path) as im:
-            return im.convert("RGB")
+            im.load()
+            return to_rgb(im)
     except (UnidentifiedImageError, OSError) as err:
         raise ValueError(f"{path} is not a readable image file; pass a PNG, JPEG or WebP image") from err
 

@@ -9,7 +9,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-KINDS = ("sampler", "editor", "trainer", "search")
+KINDS = ("sampler", "editor", "trainer", "finetuner", "search")
+TRAINING = ("trainer", "finetuner")  # the kinds `genreg train NAME` runs
 
 
 @dataclass(frozen=True)
@@ -20,7 +21,8 @@ class Method:
     field appears: ``place="main" | "advanced" | "hidden"``). ``run`` does the work:
     a sampler's ``run(pipe, options)``; an editor's ``run(pipe, image, options, **settings)`` (``settings``: fields
     of the method's ``settings`` dataclass that the user changed);
-    a trainer's ``run(pipe, config, train: TrainConfig, **fit_kwargs) -> Path``; a search's ``run(pipe, config)``.
+    a trainer's (a token's) or finetuner's (the model's weights) ``run(pipe, config, train: TrainConfig, **fit_kwargs)
+    -> Path``; a search's ``run(pipe, config)``.
     ``pipeline`` names the diffusers pipeline class of the method (``"genreg.pipelines.X"``), where it has one.
     """
 
@@ -51,15 +53,20 @@ def register(method: Method) -> Method:
     return method
 
 
-def methods(kind: str | None = None) -> list[Method]:
-    """The registered methods, of one ``kind`` or all, in registration order."""
-    return [m for m in METHODS.values() if kind is None or m.kind == kind]
+def _of_kind(method: Method, kind: str | tuple[str, ...] | None) -> bool:
+    return kind is None or method.kind in ((kind,) if isinstance(kind, str) else kind)
 
 
-def get(name: str, kind: str | None = None) -> Method:
+def methods(kind: str | tuple[str, ...] | None = None) -> list[Method]:
+    """The registered methods of ``kind`` (one kind or several) or all, in registration order."""
+    return [m for m in METHODS.values() if _of_kind(m, kind)]
+
+
+def get(name: str, kind: str | tuple[str, ...] | None = None) -> Method:
     """The method called ``name``; the error lists the known ones."""
     method = METHODS.get(name)
-    if method is None or (kind is not None and method.kind != kind):
+    if method is None or not _of_kind(method, kind):
         known = ", ".join(m.name for m in methods(kind))
-        raise ValueError(f"unknown {kind or 'method'} {name!r}; choose one of {known}")
+        what = kind if isinstance(kind, str) else "method"
+        raise ValueError(f"unknown {what} {name!r}; choose one of {known}")
     return method

@@ -4,6 +4,7 @@ prompt conditions and batched UNet calls, each done once and exactly as the stoc
 from __future__ import annotations
 
 import logging
+import math
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -12,7 +13,7 @@ import numpy as np
 import PIL.Image
 import torch
 
-from .io import load_image
+from .io import load_image, to_rgb
 
 logger = logging.getLogger(__name__)
 
@@ -93,24 +94,71 @@ def unscale_latents(vae, latents: torch.Tensor) -> torch.Tensor:
     return latents / config.scaling_factor + (getattr(config, "shift_factor", None) or 0.0)
 
 
-def prepare_image(image, multiple: int, height: int | None = None, width: int | None = None) -> PIL.Image.Image:
-    """An RGB image whose sides are multiples of ``multiple``: ``height`` x ``width`` if given, else the image's own
-    size rounded to the nearest multiple (resized, with a warning, when that changes it)."""
-    if isinstance(image, (str, os.PathLike)):
-        image = load_image(image)
-    elif isinstance(image, np.ndarray):
-        if image.dtype != np.uint8 or image.ndim not in (2, 3) or (image.ndim == 3 and image.shape[2] not in (3, 4)):
-            raise ValueError(
-                f"a numpy image must be uint8 of shape (H, W), (H, W, 3) or (H, W, 4); got {image.dtype} {image.shape}"
-            )
-        image = PIL.Image.fromarray(image)
-    elif not isinstance(image, PIL.Image.Image):
+def _array_images(array: np.ndarray) -> list[PIL.Image.Image]:
+    """(H, W), (H, W, C) or (N, H, W, C) uint8, uint16 or float-in-[0, 1] pixels as PIL images."""
+    if array.ndim == 2 or (array.ndim == 3 and array.shape[-1] in (1, 3, 4)):
+        array = array[None]
+    if array.ndim == 3:
+        array = array[..., None]
+    if array.ndim != 4 or array.shape[-1] not in (1, 3, 4):
         raise ValueError(
-            f"image must be a PIL image, a uint8 numpy array or the path of an image file, not {type(image).__name__}"
+            f"an image array must be (H, W), (H, W, C) or (N, H, W, C) with C 1, 3 or 4; got {array.shape}"
         )
-    if image.mode != "RGB":
-        logger.info("converting the %s-mode image to RGB", image.mode)
-        image = image.convert("RGB")
+    if array.dtype == np.uint16:
+        array = (array / 257).round().astype(np.uint8)
+    elif np.issubdtype(array.dtype, np.floating):
+        if not np.isfinite(array).all() or array.min() < 0 or array.max() > 1:
+            raise ValueError("a float image must hold finite values in [0, 1] (diffusers' convention)")
+        array = (array * 255).round().astype(np.uint8)
+    elif array.dtype != np.uint8:
+        raise ValueError(f"an image array must be uint8, uint16 or float in [0, 1], not {array.dtype}")
+    return [PIL.Image.fromarray(a[..., 0] if a.shape[-1] == 1 else a) for a in array]
+
+
+def as_images(image) -> list[PIL.Image.Image]:
+    """diffusers' image inputs as RGB PIL images: a PIL image, a file path, a numpy array (see ``_array_images``), a
+    torch tensor (C, H, W) or (N, C, H, W) in [0, 1], or in [-1, 1] when it has negative values, or a list of them."""
+    if isinstance(image, (list, tuple)):
+        if not image:
+            raise ValueError("the image list is empty")
+        return [im for item in image for im in as_images(item)]
+    if isinstance(image, (str, os.PathLike)):
+        return [load_image(image)]
+    if isinstance(image, PIL.Image.Image):
+        return [to_rgb(image)]
+    if isinstance(image, torch.Tensor):
+        pixels = image.detach().float().cpu()
+        pixels = pixels[None] if pixels.ndim == 3 else pixels
+        if pixels.ndim != 4 or pixels.shape[1] not in (1, 3):
+            raise ValueError(
+                f"an image tensor must be (C, H, W) or (N, C, H, W) with 1 or 3 channels, got {tuple(image.shape)}"
+                " (4-channel tensors are latents to diffusers; pass the image instead)"
+            )
+        if pixels.min() < 0:
+            pixels = (pixels + 1) / 2
+        return _array_images(pixels.permute(0, 2, 3, 1).numpy())
+    if isinstance(image, np.ndarray):
+        return [to_rgb(im) for im in _array_images(image)]
+    raise ValueError(
+        "image must be a PIL image, a numpy array, a torch tensor, the path of an image file, or a list of these; "
+        f"got {type(image).__name__}"
+    )
+
+
+def native_size(pipe) -> int:
+    """The image side the model was trained at: the UNet's sample size times the VAE's factor."""
+    return pipe.unet.config.sample_size * pipe.vae_scale_factor
+
+
+def prepare_image(
+    image, multiple: int, height: int | None = None, width: int | None = None, max_pixels: int | None = None
+) -> PIL.Image.Image:
+    """An RGB image whose sides are multiples of ``multiple``: ``height`` x ``width`` if given, else the image's own
+    size rounded to the nearest multiple, downscaled (aspect kept) to at most ``max_pixels`` (with warnings)."""
+    images = as_images(image)
+    if len(images) != 1:
+        raise ValueError(f"expected one image, got {len(images)}")
+    image = images[0]
     for name, value in (("height", height), ("width", width)):
         if value is not None and (
             isinstance(value, bool) or not isinstance(value, int) or value < multiple or value % multiple
@@ -120,10 +168,21 @@ def prepare_image(image, multiple: int, height: int | None = None, width: int | 
         raise ValueError(
             f"the image is {image.width}x{image.height}; this model needs sides of at least {multiple} pixels"
         )
-    size = (
-        width or max(multiple, round(image.width / multiple) * multiple),
-        height or max(multiple, round(image.height / multiple) * multiple),
-    )
+    shrink = 1.0
+    if max_pixels and height is None and width is None and image.width * image.height > max_pixels:
+        shrink = math.sqrt(max_pixels / (image.width * image.height))
+        logger.warning(
+            "the image is %dx%d, above this model's limit of %d pixels (4x its native size): it is downscaled; pass "
+            "height and width to choose the size",
+            *image.size,
+            max_pixels,
+        )
+
+    def side(pixels: int) -> int:  # the nearest multiple, or the next lower one when shrinking to the limit
+        scaled = pixels * shrink / multiple
+        return max(multiple, (round(scaled) if shrink == 1 else math.floor(scaled)) * multiple)
+
+    size = (width or side(image.width), height or side(image.height))
     if size != image.size:
         logger.warning(
             "resizing the image from %dx%d to %dx%d (sides must be multiples of %d for this model)",
@@ -174,16 +233,23 @@ def decode_latents(pipe, latents: torch.Tensor, output_type: str = "pil"):
 
 
 @torch.no_grad()
-def text_conditions(pipe, prompts: list[str], height: int, width: int) -> list[dict]:
-    """UNet keyword arguments (one batch row each) of the unconditional prompt, then of each of ``prompts``,
-    encoded as the stock pipeline encodes them (SD or SDXL, whose micro-conditioning uses ``height`` x ``width``)."""
+def text_conditions(
+    pipe, prompts: list[str], height: int, width: int, negative_prompt: str | None = None
+) -> list[dict]:
+    """UNet keyword arguments (one batch row each) of the unconditional prompt (``negative_prompt``, default empty),
+    then of each of ``prompts``, encoded as the stock pipeline encodes them (SD or SDXL, whose micro-conditioning
+    uses ``height`` x ``width``)."""
     device = pipe._execution_device
     if not is_sdxl(pipe):
-        first, uncond = pipe.encode_prompt(prompts[0], device, 1, True)
+        first, uncond = pipe.encode_prompt(prompts[0], device, 1, True, negative_prompt=negative_prompt)
         rest = [pipe.encode_prompt(p, device, 1, False)[0] for p in prompts[1:]]
         return [{"encoder_hidden_states": e} for e in (uncond, first, *rest)]
     first, uncond, first_pooled, uncond_pooled = pipe.encode_prompt(
-        prompts[0], device=device, num_images_per_prompt=1, do_classifier_free_guidance=True
+        prompts[0],
+        device=device,
+        num_images_per_prompt=1,
+        do_classifier_free_guidance=True,
+        negative_prompt=negative_prompt,
     )
     rows = [(uncond, uncond_pooled), (first, first_pooled)]
     for p in prompts[1:]:

@@ -35,6 +35,7 @@ from transformers import CLIPTextConfig, CLIPTextModel
 from genreg.guidance import CFG, FixedCutoff
 from genreg.methods.adaptive_guidance import AdaptiveGuidance, LinearAG, calibrate, gamma_bar_for_nfe
 from genreg.methods.cross_init import CrossInitConfig, train_cross_init
+from genreg.sd import native_size
 from genreg.testing import tiny_scheduler, tiny_sd_components
 from genreg.tinyworld import render
 from genreg.tinyworld.architecture import build_tokenizer
@@ -259,7 +260,7 @@ def main(argv: list[str] | None = None) -> int:
         pipe = StableDiffusionPipeline(**(tiny_sd_components() if args.tiny else sd15_components()))
     pipe.to(args.device, dtype)
     pipe.set_progress_bar_config(disable=True)
-    args.resolution = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    args.resolution = native_size(pipe)
     print(f"built the pipeline in {time.perf_counter() - start:.1f}s", flush=True)
 
     rng = random.Random(1)

@@ -342,7 +342,15 @@ def test_the_guider_changes_the_edit_and_layer_selection_matters(sd):
 @pytest.mark.parametrize(
     "args, kwargs, error, message",
     [
-        ((42, SOURCE, TARGET), {}, ValueError, "image must be a PIL image, a uint8 numpy array or the path"),
+        ((42, SOURCE, TARGET), {}, ValueError, "image must be a PIL image, a numpy array, a torch tensor, the path"),
+        ((np.zeros((8, 8, 3), np.float32) + 2, SOURCE, TARGET), {}, ValueError, "finite values in \\[0, 1\\]"),
+        ((torch.zeros(4, 32, 32), SOURCE, TARGET), {}, ValueError, "4-channel tensors are latents"),
+        (([], SOURCE, TARGET), {}, ValueError, "the image list is empty"),
+        ((None, [SOURCE] * 2, TARGET), {}, ValueError, "source_prompt has 2 entries for 1 images"),
+        ((None, SOURCE, TARGET), {"num_images_per_prompt": 0}, ValueError, "num_images_per_prompt must be a posit"),
+        ((None, SOURCE, TARGET), {"negative_prompt": 3}, ValueError, "negative_prompt must be one text prompt"),
+        ((None, SOURCE, TARGET), {"negative_prompt": "x", "inversion": "negative-prompt"}, ValueError, "drop negat"),
+        ((None, SOURCE, TARGET), {"callback_on_step_end_tensor_inputs": ["prompt_embeds"]}, ValueError, "passes"),
         (("missing.png", SOURCE, TARGET), {}, FileNotFoundError, "does not exist"),
         ((None, SOURCE, "  "), {}, ValueError, "target_prompt is empty: describe the edited image"),
         ((None, "", TARGET), {}, ValueError, "source_prompt is empty"),
@@ -378,8 +386,99 @@ def test_odd_sizes_are_resized_with_a_warning_and_other_modes_converted(sd, capl
     with caplog.at_level(logging.INFO, logger="genreg.sd"):
         out = gar(grey, SOURCE, TARGET, num_inference_steps=2, output_type="np")
     assert out.images.shape == (1, 32, 32, 3)
-    text = caplog.text
-    assert "resizing the image from 30x30 to 32x32" in text and "L-mode image to RGB" in text
+    assert "resizing the image from 30x30 to 32x32" in caplog.text
+
+
+def test_an_image_above_the_size_limit_is_downscaled_unless_the_size_is_given(sd, caplog):
+    _, gar = sd  # native 32 px: the limit is 4 x 32 x 32 pixels
+    with caplog.at_level(logging.WARNING, logger="genreg.sd"):
+        out = gar(image(64).resize((400, 200)), SOURCE, TARGET, num_inference_steps=1, output_type="np")
+    assert out.images.shape == (1, 44, 88, 3) and "above this model's limit of 4096 pixels" in caplog.text
+    out = gar(image(64).resize((400, 200)), SOURCE, TARGET, num_inference_steps=1, height=64, width=96)
+    assert out.images[0].size == (96, 64)
+
+
+def test_every_diffusers_image_input_gives_the_same_edit(sd, tmp_path):
+    _, gar = sd
+    picture = image()
+    pixels = np.array(picture)
+    picture.save(tmp_path / "in.png")
+    chw = torch.from_numpy(pixels).permute(2, 0, 1).float() / 255
+    inputs = {
+        "uint8 HWC": pixels,
+        "uint16": pixels.astype(np.uint16) * 257,
+        "float HWC": pixels / 255.0,
+        "float NHWC": (pixels / 255.0)[None].astype(np.float32),
+        "tensor CHW [0, 1]": chw,
+        "tensor NCHW [-1, 1]": chw[None] * 2 - 1,
+        "list": [picture],
+        "path": str(tmp_path / "in.png"),
+    }
+    want = gar(picture, SOURCE, TARGET, num_inference_steps=2, output_type="np").images
+    for name, value in inputs.items():
+        got = gar(value, SOURCE, TARGET, num_inference_steps=2, output_type="np").images
+        np.testing.assert_array_equal(got, want, err_msg=name)
+
+
+def test_a_batch_is_edited_image_by_image_with_copies_per_prompt(sd):
+    _, gar = sd
+    first, second = image(seed=1), image(seed=2).resize((40, 40))
+    kwargs = {"num_inference_steps": 2, "output_type": "np"}
+    out = gar([first, second], SOURCE, [TARGET, "a green circle"], num_images_per_prompt=2, **kwargs)
+    alone = [
+        gar(first, SOURCE, TARGET, **kwargs).images,
+        gar(second.resize((32, 32), PIL.Image.Resampling.LANCZOS), SOURCE, "a green circle", **kwargs).images,
+    ]
+    assert out.images.shape == (4, 32, 32, 3)  # the second image at the first's size
+    for k, want in enumerate([alone[0], alone[0], alone[1], alone[1]]):
+        np.testing.assert_allclose(out.images[k : k + 1], want, atol=1e-5)
+    assert all(z.shape[0] == 2 for z in out.inverted_latents)
+
+
+def test_a_negative_prompt_replaces_the_empty_prompt_of_cfg(sd):
+    _, gar = sd
+    kwargs = {"self_attn_scale": 0.0, "feature_scale": 0.0, "num_inference_steps": STEPS, "output_type": "latent"}
+    negative = gar(image(), SOURCE, TARGET, negative_prompt=SOURCE, **kwargs).images
+    npi = gar(image(), SOURCE, TARGET, inversion="negative-prompt", **kwargs).images
+    torch.testing.assert_close(negative, npi, rtol=0, atol=0)
+    assert not torch.equal(negative, gar(image(), SOURCE, TARGET, **kwargs).images)
+
+
+def test_the_step_end_callback_gets_the_tensors_it_asks_for(sd):
+    _, gar = sd
+    seen = []
+
+    def on_step_end(pipe, step, timestep, tensors):
+        seen.append(sorted(tensors))
+        return {"latents": torch.zeros_like(tensors["latents"])} if step == 1 else {}
+
+    out = gar(image(), SOURCE, TARGET, num_inference_steps=2, output_type="latent", callback_on_step_end=on_step_end)
+    assert seen == [["latents"], ["latents"]] and torch.count_nonzero(out.images) == 0
+
+
+def test_another_scheduler_is_converted_with_a_warning_and_flow_matching_refused(sd, caplog):
+    from diffusers import EulerDiscreteScheduler, FlowMatchEulerDiscreteScheduler
+
+    base, gar = sd
+    euler = GuideAndRescalePipeline.from_pipe(
+        base, scheduler=EulerDiscreteScheduler.from_config(base.scheduler.config)
+    )
+    quiet(euler)
+    with caplog.at_level(logging.WARNING, logger="genreg.inversion"):
+        got = euler(image(), SOURCE, TARGET, num_inference_steps=2, output_type="latent").images
+    assert "EulerDiscreteScheduler is converted to DDIM" in caplog.text
+    assert isinstance(euler.scheduler, EulerDiscreteScheduler)  # the pipeline keeps its own
+    torch.testing.assert_close(got, gar(image(), SOURCE, TARGET, num_inference_steps=2, output_type="latent").images)
+    flow = GuideAndRescalePipeline.from_pipe(base, scheduler=FlowMatchEulerDiscreteScheduler())
+    with pytest.raises(ValueError, match="has no DDPM noise schedule"):
+        flow(image(), SOURCE, TARGET, num_inference_steps=2)
+
+
+def test_a_16_bit_png_is_read_as_its_grey_levels(tmp_path):
+    from genreg.io import load_image
+
+    PIL.Image.fromarray(np.full((8, 8), 16384, dtype=np.uint16)).save(tmp_path / "grey16.png")
+    np.testing.assert_array_equal(np.asarray(load_image(tmp_path / "grey16.png")), np.full((8, 8, 3), 64))
 
 
 # --- the bundled model and the command line --------------------------------------------------------------------------

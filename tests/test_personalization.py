@@ -231,6 +231,11 @@ def test_bad_tokens_and_words(tmp_path, data_dir):
         train_cross_init(tiny_pipe(), ci_config(data_dir, reference_words=["red"]), train_config(tmp_path))
     with pytest.raises(ValueError, match="train_data_dir is empty"):
         CrossInitConfig()
+    with pytest.raises(ValueError, match="resolution must be 0"):
+        ci_config(data_dir, resolution=-8)
+    with pytest.raises(ValueError, match="resolution 1 is not a multiple of 4, which this model needs"):
+        train_cross_init(tiny_pipe(), ci_config(data_dir, resolution=1), train_config(tmp_path))
+    assert not (tmp_path / "out").exists()  # refused before any work
     with pytest.raises(ValueError, match="max_train_steps"):
         TrainConfig(max_train_steps=0)
 
@@ -252,6 +257,14 @@ def test_bad_captions_are_refused_when_the_data_is_read(tmp_path, row, message):
     (tmp_path / "metadata.jsonl").write_text(row + "\n")
     with pytest.raises(ValueError, match=message):
         ImageFolder(tmp_path, 32)
+
+
+def test_16_bit_images_are_scaled_not_clipped_to_white(tmp_path):
+    grey = np.full((32, 32), 32768, dtype=np.uint16)  # mid grey in 16 bits
+    Image.fromarray(grey).save(tmp_path / "a.png")
+    assert Image.open(tmp_path / "a.png").mode.startswith("I")
+    pixels = ImageFolder(tmp_path, 32).items[0].pixels
+    torch.testing.assert_close(pixels, torch.full_like(pixels, 128 / 127.5 - 1))
 
 
 def test_a_validation_prompt_needs_its_placeholder(data_dir):

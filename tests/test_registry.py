@@ -20,11 +20,7 @@ REQUIRED = {"train_data_dir": "subject-images"}
 
 
 def argv_of(method: registry.Method) -> list[str]:
-    return (
-        [method.command]
-        if method.kind in ("sampler", "editor")
-        else [method.kind.replace("trainer", "train"), method.name]
-    )
+    return [method.command] if method.kind in ("sampler", "editor") else ["train", method.name]
 
 
 def example_config(method: registry.Method):
@@ -54,7 +50,7 @@ def test_help_names_the_method(method, capsys):
 @pytest.mark.parametrize("method", ALL, ids=lambda m: m.name)
 def test_config_round_trips_through_flags(method):
     parser = argparse.ArgumentParser()
-    if method.kind == "trainer":
+    if method.kind in registry.TRAINING:
         add_trainer_arguments(parser, method)
     else:
         add_arguments(parser, method.config, dashes=True)
@@ -64,7 +60,7 @@ def test_config_round_trips_through_flags(method):
 
 @pytest.mark.parametrize("method", ALL, ids=lambda m: m.name)
 def test_bad_input_is_refused_with_a_message(method, tmp_path, capsys):
-    if method.kind == "trainer":
+    if method.kind in registry.TRAINING:
         argv = [*argv_of(method), "--train_data_dir", str(tmp_path), "--max_train_steps", "0"]
         message = "max_train_steps must be a positive whole number"
     elif method.kind == "editor":

@@ -203,8 +203,10 @@ def test_bad_input_gives_a_readable_error_and_the_app_keeps_serving(client, tmp_
         )
     with pytest.raises(AppError, match="prompt 0 is empty"):
         client.predict(prompt="  ", api_name="/generate")
-    with pytest.raises(AppError, match="not found"):
-        client.predict(model="./no-such-model", api_name="/load_model")  # the loaded model keeps serving
+    with pytest.raises(AppError, match="not in the list of choices"):  # the picker offers the allowed models only
+        client.predict(model="./no-such-model", api_name="/load_model")
+    with pytest.raises(AppError, match="--allow-model-switch"):  # and switching is off: the loaded model keeps serving
+        client.predict(model="tinyworld", api_name="/load_model")
     gallery = client.predict(prompt="a large red cross", num_inference_steps=10, num_images=1, api_name="/generate")[0]
     assert is_real_image(gallery[0]["image"])
 
@@ -336,8 +338,11 @@ def test_genreg_ui_command_starts_the_app_on_localhost(monkeypatch):
     monkeypatch.setattr(genreg.ui, "launch", lambda *args, **kwargs: calls.append((args, kwargs)))
     assert main(["ui"]) == 0
     assert calls[0][0] == ("tinyworld",) and calls[0][1]["host"] == "127.0.0.1" and calls[0][1]["port"] == 7860
+    assert calls[0][1]["models"] == [] and calls[0][1]["model_switch"] is False  # the model is fixed by default
     main(["ui", "--model", "some/dir", "--host", "0.0.0.0", "--port", "8000"])
     assert calls[1][0] == ("some/dir",) and calls[1][1]["host"] == "0.0.0.0" and calls[1][1]["port"] == 8000
+    main(["ui", "--allow-model", "other/dir", "--allow-model", "owner/name", "--allow-model-switch"])
+    assert calls[2][1]["models"] == ["other/dir", "owner/name"] and calls[2][1]["model_switch"] is True
 
 
 def test_launch_prints_its_address(capsys, tmp_path):

@@ -9,7 +9,7 @@ validates input into configs, reports progress and shows results. Every GPU-boun
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import gradio as gr
@@ -34,23 +34,25 @@ TABS: dict[str, tuple[str, str, Callable]] = {
 
 
 def _model_picker(ws: Workspace) -> None:
-    """The model box and its ``/load_model`` endpoint: loading replaces the model of every tab."""
+    """The model box and its ``/load_model`` endpoint: loading replaces the model of every tab, so the endpoint loads
+    only a model the operator allowed, and only where the operator allows switching (``Workspace.switch``)."""
+    switch = ws.model_switch
     with gr.Row():
         model_box = gr.Dropdown(
-            choices=["tinyworld"],
+            choices=list(ws.models),
             value=ws.model_name,
-            allow_custom_value=True,
             label="Model",
-            info="'tinyworld' (bundled) or the path of a local diffusers directory",
+            info="switching changes the model for everyone" if switch else "chosen by the server's operator",
+            interactive=switch,
             scale=3,
         )
-        load_btn = gr.Button("Load model", scale=0, min_width=160)
+        load_btn = gr.Button("Load model", scale=0, min_width=160, visible=switch)
     model_info = gr.Markdown(ws.describe())
 
     def load_model(values, request, progress):
         with ws.job("load", session_of(request)):
             progress(0, desc=f"loading {values['model']}")
-            ws.load(values["model"])
+            ws.switch(values["model"])
         return ws.describe()
 
     load_btn.click(endpoint(["model"], load_model), [model_box], [model_info], api_name="load_model", **GPU)
@@ -88,14 +90,27 @@ def launch(
     device: str | None = None,
     dtype=None,
     runs_dir: str | Path = "genreg-runs",
+    models: Iterable[str] = (),
+    model_switch: bool = False,
+    model_config: str | None = None,
     block: bool = True,
     quiet: bool = False,
 ) -> gr.Blocks:
     """Loads ``model``, builds the app and serves it on ``host:port`` (127.0.0.1 by default: this machine only).
 
-    With ``block=False`` it returns the running app at once (``demo.close()`` stops it).
+    Users may switch the shared model only with ``model_switch``, and only to ``model``, the bundled models and
+    ``models``; ``model_config`` gives the configs of a single-file checkpoint among them. With ``block=False`` it
+    returns the running app at once (``demo.close()`` stops it).
     """
-    ws = Workspace(model, device=device, dtype=dtype, runs_dir=runs_dir)
+    ws = Workspace(
+        model,
+        device=device,
+        dtype=dtype,
+        runs_dir=runs_dir,
+        models=models,
+        model_switch=model_switch,
+        model_config=model_config,
+    )
     demo = build_app(ws)
     demo.queue(default_concurrency_limit=1)
     try:

@@ -162,8 +162,8 @@ def build(ws: Workspace, methods: list[Method], stop_button: StopButton) -> None
         if not path:
             raise ValueError("no image to edit: upload one, or pick a rendered tiny-world scene")
         method, own = form.split(values)
-        options = make_config(method.config, own[method.config])
-        settings = make_config(method.settings, own[method.settings]) if method.settings else None
+        options = make_config(method.config, own[method.config], files=ws.confined)
+        settings = make_config(method.settings, own[method.settings], files=ws.confined) if method.settings else None
         try:
             original = load_image(path)
         except ValueError:

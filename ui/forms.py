@@ -1,8 +1,9 @@
 """Config dataclasses -> Gradio form components, and form values -> config objects.
 
 A field becomes a checkbox (bool), a radio or dropdown (``choices`` in its metadata), a slider (``minimum`` and
-``maximum``), a number (int, float) or a text box (str; a list of strings takes one per line). Its label is the field
-name in words and its help text becomes the component's info line, so a form always says what the flags say. Its
+``maximum``), a number (int, float), an upload (``file_types``: a file the user brings, never a server path typed in)
+or a text box (str; a list of strings takes one per line). Its label is the field name in words and its help text
+becomes the component's info line, so a form always says what the flags say. Its
 ``place`` metadata says where it goes: the main form, the "advanced" accordion, or nowhere ("hidden": the app sets
 it or leaves its default). :class:`MethodForm` puts the forms of several methods of one kind in one place.
 """
@@ -54,6 +55,11 @@ def default_of(field: dataclasses.Field) -> Any:
     return None
 
 
+def is_upload(field: dataclasses.Field) -> bool:
+    """Whether a field names a file the user uploads (``file_types`` in its metadata)."""
+    return "file_types" in field.metadata
+
+
 def form_fields(
     cls: type, include: Iterable[str] | None = None, skip: Iterable[str] = (), places: Iterable[str] = SHOWN
 ) -> list[dataclasses.Field]:
@@ -80,6 +86,10 @@ def component(cls: type, field: dataclasses.Field, value: Any = None, **kwargs: 
     common = {"label": meta.get("label", label_of(field.name)), "info": meta.get("help") or None} | kwargs
     if kind is bool:
         return gr.Checkbox(value=bool(value), **common)
+    if is_upload(field):
+        label, info = common.pop("label"), common.pop("info")
+        label = f"{label} — {info}" if info else label  # a File has no info line
+        return gr.File(value=value or None, file_types=list(meta["file_types"]), label=label, **common)
     if "choices" in meta:
         labels = meta.get("labels", {})
         choices = [(labels.get(c, c), c) for c in meta["choices"]]
@@ -171,10 +181,19 @@ def coerce(cls: type, name: str, value: Any) -> Any:
     return None if optional and not text else text
 
 
-def make_config(cls: type, values: dict[str, Any], **fixed: Any):
-    """``cls(**values, **fixed)`` with each form value coerced to its field's type (validation errors pass through)."""
-    names = {f.name for f in dataclasses.fields(cls)}
-    kwargs = {k: coerce(cls, k, v) for k, v in values.items() if k in names}
+def make_config(cls: type, values: dict[str, Any], files: Callable[[str, str], Any] | None = None, **fixed: Any):
+    """``cls(**values, **fixed)`` with each form value coerced to its field's type (validation errors pass through).
+    An empty upload leaves its field's default; ``files(path, label)`` checks and resolves each uploaded path (the
+    app's ``Workspace.confined``)."""
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for name, value in values.items():
+        field = fields.get(name)
+        if field is None or (is_upload(field) and not str(value or "").strip()):
+            continue
+        kwargs[name] = coerce(cls, name, value)
+        if is_upload(field) and files is not None:
+            kwargs[name] = str(files(kwargs[name], field.metadata.get("label", label_of(name))))
     return cls(**(kwargs | fixed))
 
 

@@ -94,7 +94,7 @@ def build(ws: Workspace, methods: list[Method], stop_button: StopButton) -> None
     def generate(values, request, progress):
         compare_with_cfg = bool(values.pop("compare_with_cfg"))
         method, own = form.split(values)
-        options = make_config(method.config, own[method.config])
+        options = make_config(method.config, own[method.config], files=ws.confined)
         pipe = ws.pipeline(method)
         with ws.job("generate", session_of(request)) as stop:
             out, seconds, done = sample(pipe, options.pipeline_kwargs(), stop, progress, _name_of(method, options))

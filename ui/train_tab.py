@@ -23,6 +23,7 @@ from .workspace import Workspace
 
 SOURCES = [("Tiny-world subject kit", "kit"), ("My images", "upload")]
 TOKEN_PROMPT = "a large {} in the center"
+RESUME = "Resume from checkpoint ('latest' or a checkpoint-N folder of the run)"
 INTRO = (
     "Teach the model a new word for a subject from a few images: the trainer learns a token embedding and writes "
     "checkpoints as the training scripts do, so a stopped run can be resumed. The shared model is not changed; the "
@@ -145,23 +146,25 @@ def build(ws: Workspace, methods: list[Method], stop_button: StopButton) -> None
 
     def personalize(values, request, progress):
         use_kit = values.pop("source") == "kit"
-        kit_name, files = values.pop("subject"), values.pop("images") or []
+        kit_name, images = values.pop("subject"), values.pop("images") or []
         prompt_template = values.pop("sample_prompt") or TOKEN_PROMPT
         method, own = form.split(values)
         config_values, train_values = own[method.config], {n: values.pop(n) for n in train}
         token = str(config_values.get("placeholder_token") or "").strip()
         folder = ws.run_folder(values.pop("run_folder"), method.name, token)
-        resume = bool(str(train_values.get("resume_from_checkpoint") or "").strip())
+        resume = str(train_values.get("resume_from_checkpoint") or "").strip()
+        if resume not in ("", "latest"):  # a checkpoint named by the user: one in the runs folder, nowhere else
+            train_values["resume_from_checkpoint"] = str(ws.confined(resume, RESUME, base=folder, uploads=False))
         # Validate every setting before writing anything; the data folder is filled in later.
-        make_config(method.config, config_values, train_data_dir=str(folder / "data"))
+        make_config(method.config, config_values, files=ws.confined, train_data_dir=str(folder / "data"))
         train_config = make_config(
             TrainConfig, train_values, output_dir=str(folder), mixed_precision=ws.mixed_precision
         )
         if "{}" not in prompt_template and token not in prompt_template:
             raise ValueError(f"the sample prompt must contain {{}} or {token} where the learned token goes")
-        with ws.job("personalize", session_of(request)) as stop:
-            data = ws.prepare_run(folder, method.name, token, resume, kit_name if use_kit else None, files)
-            config = make_config(method.config, config_values, train_data_dir=str(data))
+        with ws.job("personalize", session_of(request)) as stop, ws.cleaned_up(folder):
+            data = ws.prepare_run(folder, method.name, token, bool(resume), kit_name if use_kit else None, images)
+            config = make_config(method.config, config_values, files=ws.confined, train_data_dir=str(data))
             steps = [0]
 
             def on_step(step: int, loss: float) -> None:
@@ -174,16 +177,16 @@ def build(ws: Workspace, methods: list[Method], stop_button: StopButton) -> None
             seconds = time.perf_counter() - start
             stopped = stop.is_set() and steps[0] < train_config.max_train_steps
             prompt = prompt_template.replace("{}", token)
-            images = []
+            samples = []
             if not stopped:  # a stopped run shows no samples: Stop means stop now
                 options = sampler.config(prompt=prompt)
                 pipe = ws.personalized(path, sampler)
-                images = sample(pipe, options.pipeline_kwargs(), stop, progress, "sampling with the token")[0].images
+                samples = sample(pipe, options.pipeline_kwargs(), stop, progress, "sampling with the token")[0].images
         text = _summary(method, token, train_config, steps[0], stopped, seconds, folder)
-        if images:
+        if samples:
             text += f"\n\nSamples: `{prompt}`."
         return (
-            seeded(images, 0),
+            seeded(samples, 0),
             text,
             str(ws.keep(path)),
             folder.name if stopped else "",
@@ -205,7 +208,7 @@ def build(ws: Workspace, methods: list[Method], stop_button: StopButton) -> None
         embeds_path = values.pop("embeddings")
         if not embeds_path:
             raise ValueError("no learned embedding: train a token first, or upload a learned_embeds.safetensors")
-        options = make_config(sampler.config, values)
+        options = make_config(sampler.config, values, files=ws.confined)
         with ws.job("generate", session_of(request)) as stop:
             pipe = ws.personalized(embeds_path, sampler)
             out, _, _ = sample(pipe, options.pipeline_kwargs(), stop, progress, "sampling with the token")

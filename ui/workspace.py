@@ -1,6 +1,10 @@
 """The app's shared state: one loaded model and the pipelines of the registered methods built on it with
 ``from_pipe``, the run folders of training jobs, and the Stop signal of each browser session.
 
+The server's files stay its own: a path a request names is accepted only inside the runs folder (or, for a file the
+user brings, gradio's upload folder), and the model is switched only among those the operator allowed, and only when
+the operator allows switching at all.
+
 Data flows one way: the tabs call the workspace and read what it returns; the workspace knows no tab. Everything here
 runs inside one GPU-bound job at a time (the app's concurrency group); the lock only guards against a caller that
 bypasses the queue.
@@ -18,13 +22,14 @@ import shutil
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from diffusers import DiffusionPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
+from gradio.utils import get_upload_folder
 
 import genreg.methods  # noqa: F401  (registers every method)
 from genreg import registry
@@ -83,7 +88,12 @@ def slug(text: str) -> str:
 
 
 class Workspace:
-    """One model shared by every tab; the pipelines of the methods are views of it (``from_pipe``)."""
+    """One model shared by every tab; the pipelines of the methods are views of it (``from_pipe``).
+
+    ``models`` are the models a request may switch to besides ``model`` and the bundled ones, and only with
+    ``model_switch``: switching replaces the model of every user, so it is the operator's choice. ``model_config``
+    (a diffusers directory or 'tinyworld') gives the configs of any single-file ``.safetensors`` model among them.
+    """
 
     def __init__(
         self,
@@ -91,8 +101,13 @@ class Workspace:
         device: str | None = None,
         dtype: torch.dtype | None = None,
         runs_dir: str | Path = "genreg-runs",
+        models: Iterable[str] = (),
+        model_switch: bool = False,
+        model_config: str | None = None,
     ):
         self.runs_dir = Path(runs_dir)
+        self.model_config = model_config
+        self.model_switch = model_switch
         self.scratch = Path(tempfile.mkdtemp(prefix="genreg-app-"))
         atexit.register(shutil.rmtree, self.scratch, ignore_errors=True)
         self.history: list[JobRecord] = []
@@ -101,15 +116,20 @@ class Workspace:
         self._stops: dict[str, threading.Event] = {}
         self._personal: tuple[tuple, DiffusionPipeline] | None = None
         self.load(model)
+        names = (name.strip() for name in (self.model_name, *BUNDLED, *models))
+        self.models = tuple(dict.fromkeys(name for name in names if name))
 
     # ----------------------------------------------------------------------------------------------------------------
     # the model
 
     def load(self, name: str) -> None:
-        """Loads ``name`` ('tinyworld', a diffusers directory or a cached hub id) and builds the method pipelines."""
+        """Loads ``name`` ('tinyworld', a diffusers directory, a single file or a cached hub id) and builds the method
+        pipelines."""
         name = (name or "").strip()
         started = time.perf_counter()
-        base = load_pipeline(name, device=self._device, dtype=self._dtype)
+        single_file = Path(name).suffix == ".safetensors" and Path(name).expanduser().is_file()
+        config = self.model_config if single_file else None
+        base = load_pipeline(name, device=self._device, dtype=self._dtype, config=config)
         if not isinstance(base, (StableDiffusionPipeline, StableDiffusionXLPipeline)):
             raise ValueError(
                 f"{name} holds a {type(base).__name__}; the app works with Stable Diffusion 1.x/2.x and SDXL "
@@ -125,6 +145,18 @@ class Workspace:
         self.base, self.model_name, self._pipes = base, name, pipes
         self.load_seconds = time.perf_counter() - started
         self._personal = None
+
+    def switch(self, name: str) -> None:
+        """Loads ``name`` for every tab, if the operator allows switching and lists ``name``; the name is checked
+        against that list before anything on disk is looked at."""
+        if not self.model_switch:
+            raise ValueError(
+                "the model of this server is fixed: its operator lets users switch it with --allow-model-switch"
+            )
+        name = (name or "").strip()
+        if name not in self.models:
+            raise ValueError(f"model {name!r} is not offered by this server; choose one of {', '.join(self.models)}")
+        self.load(name)
 
     def pipeline(self, method: Method) -> DiffusionPipeline:
         """The pipeline of ``method`` on the loaded model (it shares the model's weights)."""
@@ -215,6 +247,36 @@ class Workspace:
             raise ValueError(f"{embeds.name} is not a usable token embedding for this model: {err}") from err
         self._personal = (key, pipe)
         return pipe
+
+    def confined(self, path: str | Path, what: str, base: Path | None = None, uploads: bool = True) -> Path:
+        """``path`` resolved (``~``, ``..`` and symlinks; relative to ``base``, by default the runs folder) when it
+        lies in the runs folder or, with ``uploads``, in gradio's upload folder; otherwise a ValueError that says the
+        same whether or not the path exists."""
+        roots = [self.runs_dir.resolve(), *([Path(get_upload_folder()).resolve()] if uploads else [])]
+        try:
+            resolved = ((base or self.runs_dir) / Path(path).expanduser()).resolve()
+        except (OSError, RuntimeError):  # a symlink loop, an unreadable folder: refused like any path outside
+            resolved = None
+        if resolved is None or not any(resolved.is_relative_to(root) for root in roots):
+            where = f"the runs folder {self.runs_dir.name!r}"
+            if uploads:
+                raise ValueError(f"{what} must be an uploaded file or a file in {where}: upload it instead")
+            raise ValueError(f"{what} must lie in {where}, the only folder a request may name")
+        return resolved
+
+    @contextmanager
+    def cleaned_up(self, folder: Path) -> Iterator[None]:
+        """Deletes what the block created of run folder ``folder`` (the runs folder too) when the block fails before
+        the run wrote a checkpoint: a failed request leaves no folder behind."""
+        from genreg.training import list_checkpoints
+
+        created = [p for p in (folder, *folder.parents) if not p.exists()]
+        try:
+            yield
+        except BaseException:
+            if created and not list_checkpoints(folder):
+                shutil.rmtree(created[-1], ignore_errors=True)
+            raise
 
     def run_folder(self, name: str, method: str, token: str) -> Path:
         """The folder of a training run under ``runs_dir``: ``name``, or a new one named after method and token."""

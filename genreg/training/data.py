@@ -17,6 +17,10 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from ..config import option
+from ..io import to_rgb
+from ..sd import native_size, size_multiple
+
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
 # The prompt templates of diffusers' textual-inversion example (objects and styles).
@@ -136,7 +140,7 @@ class ImageFolder:
         for path in files:
             try:
                 with Image.open(path) as im:
-                    image = _fit(im.convert("RGB"), size, center_crop, Image.Resampling.BICUBIC)
+                    image = _fit(to_rgb(im), size, center_crop, Image.Resampling.BICUBIC)
             except (UnidentifiedImageError, OSError) as err:
                 raise ValueError(f"cannot read {path} as an image ({err}); remove it or replace it") from err
             pixels = torch.from_numpy(np.asarray(image, dtype=np.float32) / 127.5 - 1).permute(2, 0, 1)
@@ -176,6 +180,20 @@ class ImageFolder:
     def has_masks(self) -> bool:
         return all(item.mask is not None for item in self.items)
 
+    def sample(self, tokenizer, seed: int, step: int, index: int, placeholder: str = "") -> dict:
+        """Sample ``index`` of step ``step`` for the training loop: pixels, the tokenized prompt, and the seed of its
+        noise and timestep, all from ``sample_rng(seed, step, index)``."""
+        rng = sample_rng(seed, step, index)
+        example = self.example(rng, placeholder)
+        input_ids = tokenizer(
+            example["prompt"], padding="max_length", max_length=tokenizer.model_max_length, truncation=True
+        ).input_ids
+        return {
+            "pixel_values": example["pixel_values"],
+            "input_ids": torch.tensor(input_ids),
+            "seed": int(rng.integers(2**62)),
+        }
+
     def example(self, rng: np.random.Generator, placeholder: str) -> dict:
         """One augmented sample: ``pixel_values``, ``prompt`` (caption or template with ``placeholder``), ``mask``.
 
@@ -191,3 +209,42 @@ class ImageFolder:
         if mask is not None:
             out["mask"] = mask
         return out
+
+
+@dataclass
+class ImageDataConfig:
+    """A trainer's image folder and how its images are fitted to the training size."""
+
+    train_data_dir: str = option(
+        "",
+        "folder of training images (captions in metadata.jsonl or .txt; a token's trainer reads {} as it)",
+        place="hidden",
+    )
+    resolution: int = option(0, "training resolution (0 = the model's native size)", place="advanced")
+    center_crop: bool = option(True, "crop to a centred square (else squash)", place="advanced")
+    flip_p: float = option(
+        0.5, "probability of a horizontal flip (use 0 when captions name left/right)", place="advanced"
+    )
+
+    def __post_init__(self):
+        if not self.train_data_dir:
+            raise ValueError("train_data_dir is empty: pass the folder of training images")
+        if self.resolution < 0:
+            raise ValueError(
+                f"resolution must be 0 (the model's native size) or a size in pixels, got {self.resolution}"
+            )
+
+    def image_size(self, pipe) -> int:
+        """The training side in pixels: ``resolution`` or the model's native size, a multiple the model accepts."""
+        size, multiple = self.resolution or native_size(pipe), size_multiple(pipe)
+        if size % multiple:
+            raise ValueError(
+                f"resolution {size} is not a multiple of {multiple}, which this model needs; pass 0 for its native "
+                f"size ({native_size(pipe)}) or a multiple of {multiple}"
+            )
+        return size
+
+    def read(self, pipe, learnable_property: str = "object") -> ImageFolder:
+        return ImageFolder(
+            self.train_data_dir, self.image_size(pipe), self.center_crop, self.flip_p, learnable_property
+        )

@@ -61,7 +61,9 @@ class TrainConfig:
     max_train_steps: int = option(320, "optimizer steps")
     train_batch_size: int = option(8, "samples per process per micro-batch")
     gradient_accumulation_steps: int = option(1, "micro-batches per optimizer step", place="advanced")
-    learning_rate: float = option(5e-3, "peak learning rate (per sample of the global batch with --scale_lr)")
+    learning_rate: float | None = option(
+        5e-3, "peak learning rate (per sample of the global batch with --scale_lr); unset: the method's own rule"
+    )
     scale_lr: bool = option(False, "multiply the learning rate by the global batch size", place="advanced")
     lr_scheduler: str = option("constant", "learning-rate schedule", choices=LR_SCHEDULERS, place="advanced")
     lr_warmup_steps: int = option(0, "warm-up steps of the schedule", place="advanced")
@@ -85,7 +87,7 @@ class TrainConfig:
         for name in ("checkpointing_steps", "validation_steps", "lr_warmup_steps"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)!r}")
-        if not (self.learning_rate > 0 and math.isfinite(self.learning_rate)):
+        if self.learning_rate is not None and not (self.learning_rate > 0 and math.isfinite(self.learning_rate)):
             raise ValueError(f"learning_rate must be a positive number, got {self.learning_rate!r}")
         if self.checkpoints_total_limit is not None and self.checkpoints_total_limit < 1:
             raise ValueError("checkpoints_total_limit must be at least 1 (or unset for no limit)")
@@ -168,9 +170,16 @@ class StepContext:
     micro_batches: Callable[[], Iterator[dict[str, Any]]]
 
 
-def gradient_step(ctx: StepContext) -> torch.Tensor:
+def gradient_step(
+    ctx: StepContext,
+    extra_loss: Callable[[], torch.Tensor] | None = None,
+    before_clip: Callable[[], None] | None = None,
+) -> torch.Tensor:
     """The default update: backward over the micro-batches (gradients synchronised on the last), clipping, then
-    every optimizer and schedule steps once. Returns this process's loss, summed over micro-batches."""
+    every optimizer and schedule steps once. Returns this process's loss, summed over micro-batches.
+
+    A method's ``extra_loss()`` (e.g. a penalty on its parameters) joins the last micro-batch's backward once per
+    step; ``before_clip()`` may edit the gradients before clipping."""
     config, accelerator = ctx.config, ctx.accelerator
     step_loss = torch.zeros((), device=accelerator.device)
     for micro, batch in enumerate(ctx.micro_batches()):
@@ -178,8 +187,12 @@ def gradient_step(ctx: StepContext) -> torch.Tensor:
         # accelerate's prepare() already runs forward under autocast when mixed precision is on
         with contextlib.nullcontext() if last else accelerator.no_sync(ctx.model):
             loss = ctx.model(batch) / config.gradient_accumulation_steps
+            if last and extra_loss is not None:
+                loss = loss + extra_loss()
             accelerator.backward(loss)
         step_loss += loss.detach()
+    if before_clip is not None:
+        before_clip()
     if config.max_grad_norm > 0:
         accelerator.clip_grad_norm_(ctx.params, config.max_grad_norm)
     for name, optimizer in ctx.optimizers.items():
@@ -228,6 +241,8 @@ def fit(
         raise ValueError("the objective has no trainable parameters (none has requires_grad=True)")
     world, rank = accelerator.num_processes, accelerator.process_index
     global_batch = config.train_batch_size * config.gradient_accumulation_steps * world
+    if config.learning_rate is None:
+        raise ValueError("learning_rate is unset and this method has no rule for it: pass --learning_rate")
     lr = config.learning_rate * (global_batch if config.scale_lr else 1)
     built = optimizers(params, config, lr)
     schedules = {

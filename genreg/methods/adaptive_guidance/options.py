@@ -54,6 +54,8 @@ class GenerateOptions:
         "",
         "LinearAG: the linear_ag.json written by scripts/calibrate_adaptive_guidance.py for this model",
         place="advanced",
+        label="LinearAG coefficients",
+        file_types=(".json",),
     )
 
     def __post_init__(self):

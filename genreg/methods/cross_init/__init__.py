@@ -60,7 +60,7 @@ class CrossInitConfig(EmbeddingConfig):
         None, "reference names/phrases (overrides --subject_class)", place="advanced"
     )
     reference_file: str | None = option(
-        None, "a file of reference names, one per line (overrides both)", place="advanced"
+        None, "a file of reference names, one per line (overrides both)", place="advanced", file_types=(".txt",)
     )
     reg_weight: float = option(1e-5, "lambda: weight of the L2 distance to the initial embedding")
 

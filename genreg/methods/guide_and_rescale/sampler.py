@@ -28,11 +28,12 @@ import torch
 
 from ...attention import AttentionRecorder, recording, select_layers
 from ...checks import require_positive_int
-from ...inversion import ddim_invert, ddim_scheduler
+from ...inversion import ddim_invert, required_ddim
 from ...sd import (
     decode_latents,
     encode_image,
     epsilon_shift_as_prediction,
+    native_size,
     predict,
     prepare_image,
     size_multiple,
@@ -53,9 +54,12 @@ class Conditions:
     target: dict
 
 
-def encode_conditions(pipe, source: str, target: str, height: int, width: int) -> Conditions:
-    """The three prompts' conditions, encoded as the stock pipeline encodes them (SD or SDXL)."""
-    uncond, target_row, source_row = text_conditions(pipe, [target, source], height, width)
+def encode_conditions(
+    pipe, source: str, target: str, height: int, width: int, negative_prompt: str | None = None
+) -> Conditions:
+    """The three prompts' conditions (the unconditional one from ``negative_prompt``, default empty), encoded as the
+    stock pipeline encodes them (SD or SDXL)."""
+    uncond, target_row, source_row = text_conditions(pipe, [target, source], height, width, negative_prompt)
     return Conditions(uncond=uncond, source=source_row, target=target_row)
 
 
@@ -224,13 +228,15 @@ def edit(
     width: int | None = None,
     output_type: str = "pil",
     callback: Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor | None] | None = None,
+    negative_prompt: str | None = None,
     **changes,
 ) -> EditOutput:
     """Edits ``image`` (described by ``source_prompt``) towards ``target_prompt`` with any SD 1.x/2.x or SDXL pipeline.
 
     ``config`` (default: the ``preset``) with ``changes`` applied, e.g. ``guidance_scale=5.0``. The pipeline's
     scheduler config (noise schedule, spacing, ``steps_offset``, prediction type) is used with DDIM, eta = 0; the
-    pipeline and its models are left as they were."""
+    pipeline and its models are left as they were. ``negative_prompt`` replaces the empty prompt of CFG. An image above
+    4x the model's native pixel count is downscaled to it unless ``height`` and ``width`` are given."""
     missing = [a for a in ("unet", "vae", "encode_prompt", "image_processor") if getattr(pipe, a, None) is None]
     if missing:
         raise ValueError(
@@ -241,10 +247,18 @@ def edit(
     require_positive_int("num_inference_steps", num_inference_steps)
     if output_type not in OUTPUT_TYPES:
         raise ValueError(f"unknown output_type {output_type!r}; choose one of {', '.join(OUTPUT_TYPES)}")
-    image = prepare_image(image, size_multiple(pipe), height, width)
-    scheduler = ddim_scheduler(pipe.scheduler)
+    if negative_prompt is not None:
+        if not isinstance(negative_prompt, str):
+            raise ValueError(f"negative_prompt must be one text prompt, not {type(negative_prompt).__name__}")
+        if config.inversion == "negative-prompt":
+            raise ValueError(
+                "negative-prompt inversion uses the source prompt as CFG's negative prompt; drop negative_prompt or "
+                "use inversion='ddim'"
+            )
+    image = prepare_image(image, size_multiple(pipe), height, width, max_pixels=4 * native_size(pipe) ** 2)
+    scheduler = required_ddim(pipe.scheduler)
     scheduler.set_timesteps(num_inference_steps, device=pipe._execution_device)
-    conditions = encode_conditions(pipe, source, target, image.height, image.width)
+    conditions = encode_conditions(pipe, source, target, image.height, image.width, negative_prompt)
     latents = encode_image(pipe, image)
     with pipe.progress_bar(total=2 * num_inference_steps) as bar:
         trajectory = ddim_invert(

@@ -1,0 +1,257 @@
+"""Benchmarks SaRA against LoRA (peft, attention projections) and full fine-tuning on a tiny-world concept kit.
+
+    python scripts/bench_sara.py [--concept checkered] [--steps 400] [--batch_size 8]
+
+Task: teach the bundled model a held-out value (``genreg.tinyworld.concepts``: renders whose captions name it) at
+equal steps, batch and data for every row. Rows: the untouched model; SaRA with its threshold set so that it trains
+as many weights as the LoRA row; SaRA without the low-rank loss and without progressive re-selection (ablations);
+LoRA of rank --lora_rank on every attention projection (diffusers' text-to-image LoRA setup); full fine-tuning.
+Each row trains in its own process, so its peak memory (CPU RSS, and CUDA's peak where a GPU is used) is its own;
+the result is saved in the method's format, loaded into a fresh plain diffusers pipeline with the standard loader
+(``genreg.methods.sara.load_into``, ``load_lora_weights``, ``UNet2DConditionModel.from_pretrained``) and scored:
+new-value accuracy (the evaluator reads the concept on prompts that name it in combinations the kit does not hold)
+and the retained all-correct rate on standard single-object prompts. Writes bench/results/sara.{json,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from genreg import load_pipeline
+from genreg.methods.sara import DELTA_FILE, FineTuneObjective, SaRADelta, SaRATrainingConfig, load_into, train_sara
+from genreg.tinyworld import Evaluator, sample_scene, scene_prompt
+from genreg.tinyworld.concepts import CONCEPTS, concept_prompts, write_concept_kit
+from genreg.training import TrainConfig, fit
+
+RESULTS = Path(__file__).resolve().parents[1] / "bench" / "results"
+LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
+
+
+def fresh(model: str, device: str):
+    pipe = load_pipeline(model, device=device, dtype=torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def lora_config(rank: int):
+    from peft import LoraConfig
+
+    return LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian", target_modules=LORA_TARGETS)
+
+
+def lora_count(model: str, rank: int) -> int:
+    unet = fresh(model, "cpu").unet
+    unet.add_adapter(lora_config(rank))
+    return sum(p.numel() for p in unet.parameters() if p.requires_grad)
+
+
+def matching_threshold(model: str, count: int) -> float:
+    """The threshold below which exactly ``count`` UNet weights lie (so SaRA trains as many weights as LoRA)."""
+    weights = torch.cat([p.detach().abs().flatten() for p in fresh(model, "cpu").unet.parameters()])
+    return float(torch.kthvalue(weights, count + 1).values)
+
+
+def rss_mib() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * resource.getpagesize() / 2**20
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# One row's training, in its own process
+
+
+def train_row(args) -> None:
+    spec = json.loads(args.row)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    pipe = fresh(args.model, device)
+    out = Path(spec["out"])
+    train = TrainConfig(
+        output_dir=str(out),
+        max_train_steps=args.steps,
+        train_batch_size=args.batch_size,
+        learning_rate=spec["lr"],
+        lr_scheduler="constant",
+        checkpointing_steps=0,
+        max_grad_norm=1.0,
+        seed=args.seed,
+        report_to="none",
+    )
+    before = rss_mib()
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    if spec["method"] == "sara":
+        config = SaRATrainingConfig(train_data_dir=args.kit, flip_p=0.0, **spec["sara"])
+        files = [train_sara(pipe, config, train)]
+        trainable = SaRADelta.load(files[0]).num_entries
+    else:
+        if spec["method"] == "lora":
+            pipe.unet.add_adapter(lora_config(args.lora_rank))
+        else:
+            pipe.unet.requires_grad_(True)
+        trainable = sum(p.numel() for p in pipe.unet.parameters() if p.requires_grad)
+        data = SaRATrainingConfig(train_data_dir=args.kit, flip_p=0.0).read(pipe)
+        fit(FineTuneObjective(pipe), lambda step, i: data.sample(pipe.tokenizer, args.seed, step, i), train)
+        files = save_result(pipe, spec["method"], out)
+    seconds = time.perf_counter() - start
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    report = {
+        "trainable": trainable,
+        "seconds_per_step": seconds / args.steps,
+        "peak_rss_mib": peak,
+        "peak_rss_above_loaded_mib": peak - before,
+        "saved_bytes": sum(f.stat().st_size for f in files),
+    }
+    if device == "cuda":
+        report["cuda_peak_mib"] = torch.cuda.max_memory_allocated() / 2**20
+    (out / "row.json").write_text(json.dumps(report))
+
+
+def save_result(pipe, method: str, out: Path) -> list[Path]:
+    if method == "lora":
+        from diffusers import StableDiffusionPipeline
+        from diffusers.utils import convert_state_dict_to_diffusers
+        from peft.utils import get_peft_model_state_dict
+
+        layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(pipe.unet))
+        StableDiffusionPipeline.save_lora_weights(out, unet_lora_layers=layers, safe_serialization=True)
+        return [out / "pytorch_lora_weights.safetensors"]
+    pipe.unet.save_pretrained(out / "unet")
+    return list((out / "unet").glob("*.safetensors"))
+
+
+def load_row(model: str, method: str, out: Path):
+    """A fresh plain diffusers pipeline with the row's saved result loaded by the standard loader."""
+    pipe = fresh(model, "cpu")
+    if method == "sara":
+        load_into(pipe, out / DELTA_FILE)
+    elif method == "lora":
+        pipe.load_lora_weights(out)
+    elif method == "full":
+        from diffusers import UNet2DConditionModel
+
+        pipe.unet = UNet2DConditionModel.from_pretrained(out / "unet")
+    return pipe
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Scoring
+
+
+def score(pipe, evaluator: Evaluator, prompts: list[str], seed: int) -> dict:
+    images = []
+    for i in range(0, len(prompts), 50):
+        chunk = prompts[i : i + 50]
+        generators = [torch.Generator().manual_seed(seed + i + k) for k in range(len(chunk))]
+        images += pipe(chunk, num_inference_steps=25, guidance_scale=5.0, generator=generators).images
+    return evaluator.score(images, prompts)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="tinyworld")
+    p.add_argument("--concept", default="checkered", choices=tuple(CONCEPTS))
+    p.add_argument("--kit_size", type=int, default=24)
+    p.add_argument("--steps", type=int, default=400)
+    p.add_argument("--batch_size", type=int, default=8)
+    p.add_argument("--lora_rank", type=int, default=4)
+    p.add_argument("--lora_lr", type=float, default=1e-3, help="LoRA's learning rate")
+    p.add_argument("--full_lr", type=float, default=1e-4, help="full fine-tuning's learning rate")
+    p.add_argument("--eval_prompts", type=int, default=60, help="prompts naming the concept")
+    p.add_argument("--retain_prompts", type=int, default=100, help="standard single-object prompts")
+    p.add_argument(
+        "--rows", nargs="+", default=["base", "sara", "sara-no-rank", "sara-no-progressive", "lora", "full"]
+    )
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--work_dir", default="runs/bench_sara")
+    p.add_argument("--kit", help=argparse.SUPPRESS)
+    p.add_argument("--row", help=argparse.SUPPRESS)  # internal: train one row in this process
+    args = p.parse_args()
+    if args.row:
+        train_row(args)
+        return
+
+    work = Path(args.work_dir)
+    kit = write_concept_kit(args.concept, work / "kit", n=args.kit_size, seed=args.seed)
+    count = lora_count(args.model, args.lora_rank)
+    threshold = matching_threshold(args.model, count)
+    sara = {"threshold": threshold, "lambda_rank": 5e-3, "progressive_fraction": 0.5}
+    specs = {
+        "sara": {"method": "sara", "sara": sara},
+        "sara-no-rank": {"method": "sara", "sara": sara | {"lambda_rank": 0.0}},
+        "sara-no-progressive": {"method": "sara", "sara": sara | {"progressive_fraction": 0.0}},
+        "lora": {"method": "lora", "lr": args.lora_lr},
+        "full": {"method": "full", "lr": args.full_lr},
+    }
+    evaluator = Evaluator.load()
+    concept = concept_prompts(args.concept, args.eval_prompts, seed=args.seed)
+    attribute = CONCEPTS[args.concept]
+    rng = random.Random(f"retain-{args.seed}")
+    retain = [scene_prompt(sample_scene(rng, n_objects=1), background=True) for _ in range(args.retain_prompts)]
+    rows = {}
+    for name in args.rows:
+        spec = specs.get(name, {"method": "base"})
+        out = work / name
+        if spec["method"] != "base":
+            spec = spec | {"out": str(out), "lr": spec.get("lr")}
+            command = [sys.executable, __file__, *sys.argv[1:], "--kit", str(kit), "--row", json.dumps(spec)]
+            subprocess.run(command, check=True)
+        pipe = load_row(args.model, spec["method"], out)
+        new = score(pipe, evaluator, [prompt for prompt, _ in concept], args.seed)
+        kept = score(pipe, evaluator, retain, args.seed + 1)
+        rows[name] = {
+            "new_value": new[attribute],
+            "new_all_correct": new["all_correct"],
+            "retained_all_correct": kept["all_correct"],
+        }
+        if spec["method"] != "base":
+            rows[name] |= json.loads((out / "row.json").read_text())
+        print(name, rows[name], flush=True)
+    write_results(args, rows, threshold, count)
+
+
+def write_results(args, rows: dict, threshold: float, count: int) -> None:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    settings = {k: v for k, v in vars(args).items() if k not in ("row", "kit")}
+    (RESULTS / "sara.json").write_text(
+        json.dumps({"settings": settings, "threshold": threshold, "lora_trainable": count, "rows": rows}, indent=2)
+    )
+    base = rows.get("base", {}).get("retained_all_correct")
+    lines = [
+        f"# SaRA vs LoRA vs full fine-tuning: learning the held-out {args.concept!r}",
+        "",
+        f"`python scripts/bench_sara.py {' '.join(sys.argv[1:])}`; {args.steps} steps, batch {args.batch_size}, "
+        f"kit of {args.kit_size} renders; SaRA threshold {threshold:.3g} (as many weights as LoRA rank "
+        f"{args.lora_rank}: {count:,}); {args.eval_prompts} prompts naming the concept, {args.retain_prompts} "
+        "standard single-object prompts; 25 DDIM steps, guidance 5.",
+        "",
+        "| row | new value | new, all correct | retained all-correct | change vs base | trainable | s/step | "
+        "peak RSS MiB (above loaded) | saved MiB |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, r in rows.items():
+        change = f"{100 * (r['retained_all_correct'] - base):+.1f} pts" if base is not None else ""
+        extra = (
+            f"{r['trainable']:,} | {r['seconds_per_step']:.3f} | {r['peak_rss_mib']:.0f} "
+            f"({r['peak_rss_above_loaded_mib']:.0f}) | {r['saved_bytes'] / 2**20:.2f}"
+            if "trainable" in r
+            else " | | |"
+        )
+        lines.append(
+            f"| {name} | {r['new_value']:.3f} | {r['new_all_correct']:.3f} | {r['retained_all_correct']:.3f} | "
+            f"{change} | {extra} |"
+        )
+    (RESULTS / "sara.md").write_text("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()

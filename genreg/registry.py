@@ -36,6 +36,7 @@ class Method:
     settings: type | None = None  # a dataclass of expert settings whose given fields override ``config``'s preset
     pipeline: str | None = None
     train_defaults: dict = field(default_factory=dict)  # a trainer's defaults over TrainConfig's
+    apply: Callable | None = None  # a finetuner's result as a context: ``apply(model, result_path, alpha)``
 
     def __post_init__(self):
         if self.kind not in KINDS:

@@ -27,6 +27,7 @@ from genreg.methods.sara import (
     auto_learning_rate,
     load_into,
     merge,
+    merged,
     prepare,
     rank_loss,
     select,
@@ -296,14 +297,17 @@ def train(tmp_path, name="out", **changes) -> TrainConfig:
     return TrainConfig(output_dir=str(tmp_path / name), **(defaults | changes))
 
 
-def test_training_writes_a_delta_that_a_plain_pipeline_loads(tmp_path, concept_dir):
-    trained = pipe()
+def test_training_writes_a_delta_that_a_plain_pipeline_loads_and_leaves_the_model_as_it_was(tmp_path, concept_dir):
+    trained, base = pipe(), output(pipe().unet)
     path = train_sara(trained, config(concept_dir), train(tmp_path))
     assert path.is_file() and (tmp_path / "out" / "checkpoint-2" / DELTA_FILE).is_file()
-    assert not any("parametrizations" in n for n, _ in trained.unet.named_parameters())  # merged and unloaded
-    plain = load_into(pipe(), path)
-    torch.testing.assert_close(output(plain.unet), output(trained.unet), rtol=0, atol=0)
-    assert not torch.equal(output(pipe().unet), output(trained.unet))
+    assert not any("parametrizations" in n for n, _ in trained.unet.named_parameters())
+    torch.testing.assert_close(output(trained.unet), base, rtol=0, atol=0)
+    with merged(trained.unet, path):
+        after = output(trained.unet)
+    torch.testing.assert_close(output(load_into(pipe(), path).unet), after, rtol=0, atol=0)
+    assert not torch.equal(after, base)
+    torch.testing.assert_close(output(trained.unet), base, rtol=0, atol=0)
 
 
 def test_resume_across_the_reselection_equals_the_uninterrupted_run(tmp_path, concept_dir):

@@ -125,18 +125,20 @@ def test_tabs_and_forms_come_from_the_registry(app):
     from genreg.training import TrainConfig
 
     tabs = [c["props"]["label"] for c in app.get_config_file()["components"] if c["type"] == "tabitem"]
-    assert tabs == ["Generate", "Edit", "Personalize"]  # one per kind with methods; no search method, no tab
+    assert tabs == ["Generate", "Edit", "Personalize", "Fine-tune"]  # one per kind with methods; no search, no tab
     params = {
         name: {p["parameter_name"] for p in endpoint["parameters"]}
         for name, endpoint in app.get_api_info()["named_endpoints"].items()
     }
-    for kind, api in (("sampler", "/generate"), ("editor", "/edit"), ("trainer", "/personalize")):
+    kinds = (("sampler", "/generate"), ("editor", "/edit"), ("trainer", "/personalize"), ("finetuner", "/finetune"))
+    for kind, api in kinds:
         for method in registry.methods(kind):
             classes = [method.config, *([method.settings] if method.settings else [])]
             assert {f.name for cls in classes for f in form_fields(cls)} <= params[api], method.name
     hidden = {f.name for f in dataclasses.fields(TrainConfig) if place_of(f) == "hidden"}
     assert hidden == {"output_dir", "mixed_precision"}  # set by the app, not shown
-    assert not (hidden | {"train_data_dir", "chunk_size"}) & (params["/personalize"] | params["/edit"])
+    shown = params["/personalize"] | params["/edit"] | params["/finetune"]
+    assert not (hidden | {"train_data_dir", "chunk_size"}) & shown
 
 
 def test_generate_returns_images_nfe_and_downloads(client):
@@ -291,6 +293,41 @@ def test_stopped_training_writes_a_checkpoint_and_resumes(app, client):
     )
     assert f"{step + 2} steps" in report and len(gallery) == 4 and run_folder_after == "" and resume_after == ""
     assert (folder / f"checkpoint-{step + 2}" / "learned_embeds.safetensors").is_file()
+
+
+def test_finetune_a_concept_kit_shows_before_and_after_and_leaves_the_model(app, client):
+    from genreg.methods.sara import SaRADelta
+
+    unet = app.workspace.base.unet
+    weights = {k: v.clone() for k, v in unet.state_dict().items()}
+    before, after, report, result = client.predict(
+        method="sara",
+        source="kit",
+        concept="checkered",
+        prompt="a large checkered red circle in the center",
+        threshold=0.01,
+        max_train_steps=2,
+        **TINY_TRAIN,
+        api_name="/finetune",
+    )
+    assert len(before) == len(after) == 4 and all(is_real_image(item["image"]) for item in before + after)
+    assert "2 steps" in report and SaRADelta.load(result).num_entries > 0
+    assert all(torch.equal(v, weights[k]) for k, v in unet.state_dict().items())  # the shared model as it was
+    assert not unet.training and all(p.requires_grad for p in unet.parameters())
+    folder = next(app.workspace.runs_dir.glob("sara-*"))
+    assert len(list((folder / "data").glob("*.png"))) == 24 and (folder / "data" / "metadata.jsonl").is_file()
+    with pytest.raises(AppError, match="threshold must be a positive number"):
+        client.predict(method="sara", source="kit", concept="checkered", threshold=0.0, api_name="/finetune")
+    with pytest.raises(AppError, match="have no caption"):
+        client.predict(
+            method="sara",
+            source="upload",
+            images=[handle_file(next(folder.glob("data/*.png")))],
+            threshold=0.01,
+            max_train_steps=1,
+            **TINY_TRAIN,
+            api_name="/finetune",
+        )
 
 
 def test_edit_shows_before_and_after(client, tmp_path):

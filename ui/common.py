@@ -199,3 +199,30 @@ def sample(pipe, kwargs: dict, stop: threading.Event, progress: gr.Progress, des
         out = pipe(**kwargs, callback_on_step_end=on_step_end)
         seconds = time.perf_counter() - start
     return out, seconds, done[0]
+
+
+RESUME = "Resume from checkpoint ('latest' or a checkpoint-N folder of the run)"
+
+
+def resume_setting(ws: Workspace, train_values: dict, folder: Path) -> bool:
+    """Whether a training request resumes; a checkpoint it names must lie in its run folder (rewritten resolved)."""
+    resume = str(train_values.get("resume_from_checkpoint") or "").strip()
+    if resume not in ("", "latest"):  # a checkpoint named by the user: one in the runs folder, nowhere else
+        train_values["resume_from_checkpoint"] = str(ws.confined(resume, RESUME, base=folder, uploads=False))
+    return bool(resume)
+
+
+def run_summary(method, what: str, train, done: int, stopped: bool, seconds: float, folder: Path) -> str:
+    """A training request's report: steps, time, the run folder and its newest checkpoint, and how to go on."""
+    from genreg.training import list_checkpoints
+
+    reached = list_checkpoints(folder)[-1].name if list_checkpoints(folder) else "no checkpoint"
+    steps = f"**stopped** at step {done} of {train.max_train_steps}" if stopped else f"{train.max_train_steps} steps"
+    lines = [f"**{method.title}** of {what}: {steps} in {seconds:.1f} s. Run folder `{folder.name}` ({reached})."]
+    if stopped:
+        lines.append("Press **Train** again to resume it: the run folder and 'latest' are filled in.")
+    elif not done:
+        lines.append("Nothing left to train: the run had already reached max_train_steps; raise it to go on.")
+    else:
+        lines.append(f"To train it further, raise max_train_steps and resume `{folder.name}` from 'latest'.")
+    return "\n\n".join(lines)

@@ -15,15 +15,14 @@ import gradio as gr
 
 from genreg import registry
 from genreg.registry import Method
-from genreg.training import TrainConfig, list_checkpoints
+from genreg.training import TrainConfig
 
-from .common import GPU, HELPER, StopButton, endpoint, enlarge, sample, seeded, session_of
+from .common import GPU, HELPER, StopButton, endpoint, enlarge, resume_setting, run_summary, sample, seeded, session_of
 from .forms import MethodForm, build_form, make_config
 from .workspace import Workspace
 
 SOURCES = [("Tiny-world subject kit", "kit"), ("My images", "upload")]
 TOKEN_PROMPT = "a large {} in the center"
-RESUME = "Resume from checkpoint ('latest' or a checkpoint-N folder of the run)"
 INTRO = (
     "Teach the model a new word for a subject from a few images: the trainer learns a token embedding and writes "
     "checkpoints as the training scripts do, so a stopped run can be resumed. The shared model is not changed; the "
@@ -48,23 +47,10 @@ def kit_images(name: str) -> list:
     return [enlarge(render(scene)[0]) for scene in reference_scenes(SUBJECTS[name])]
 
 
-def _summary(method: Method, token: str, train: TrainConfig, done: int, stopped: bool, seconds: float, folder) -> str:
-    reached = list_checkpoints(folder)[-1].name if list_checkpoints(folder) else "no checkpoint"
-    steps = f"**stopped** at step {done} of {train.max_train_steps}" if stopped else f"{train.max_train_steps} steps"
-    lines = [f"**{method.title}** of `{token}`: {steps} in {seconds:.1f} s. Run folder `{folder.name}` ({reached})."]
-    if stopped:
-        lines.append("Press **Train** again to resume it: the run folder and 'latest' are filled in.")
-    elif not done:
-        lines.append("Nothing left to train: the run had already reached max_train_steps; raise it to go on.")
-    else:
-        lines.append(f"To train it further, raise max_train_steps and resume `{folder.name}` from 'latest'.")
-    return "\n\n".join(lines)
-
-
 def build(ws: Workspace, methods: list[Method], stop_button: StopButton) -> None:
     """The tab's form, generated from the trainers' configs and TrainConfig, and its ``/personalize`` and
     ``/generate_with_token`` endpoints."""
-    from genreg.tinyworld.subjects import SUBJECTS
+    from genreg.tinyworld.subjects import SUBJECTS, write_kit
 
     sampler = registry.methods("sampler")[0]
     kit = ws.is_bundled
@@ -152,9 +138,7 @@ def build(ws: Workspace, methods: list[Method], stop_button: StopButton) -> None
         config_values, train_values = own[method.config], {n: values.pop(n) for n in train}
         token = str(config_values.get("placeholder_token") or "").strip()
         folder = ws.run_folder(values.pop("run_folder"), method.name, token)
-        resume = str(train_values.get("resume_from_checkpoint") or "").strip()
-        if resume not in ("", "latest"):  # a checkpoint named by the user: one in the runs folder, nowhere else
-            train_values["resume_from_checkpoint"] = str(ws.confined(resume, RESUME, base=folder, uploads=False))
+        resume = resume_setting(ws, train_values, folder)
         # Validate every setting before writing anything; the data folder is filled in later.
         make_config(method.config, config_values, files=ws.confined, train_data_dir=str(folder / "data"))
         train_config = make_config(
@@ -162,8 +146,17 @@ def build(ws: Workspace, methods: list[Method], stop_button: StopButton) -> None
         )
         if "{}" not in prompt_template and token not in prompt_template:
             raise ValueError(f"the sample prompt must contain {{}} or {token} where the learned token goes")
+
+        def fill(data) -> None:
+            if use_kit:
+                if kit_name not in SUBJECTS:
+                    raise ValueError(f"unknown subject kit {kit_name!r}; choose one of {', '.join(SUBJECTS)}")
+                write_kit(SUBJECTS[kit_name], data)
+            else:
+                ws.write_uploads(images, data)
+
         with ws.job("personalize", session_of(request)) as stop, ws.cleaned_up(folder):
-            data = ws.prepare_run(folder, method.name, token, bool(resume), kit_name if use_kit else None, images)
+            data = ws.prepare_run(folder, method.name, token, resume, fill)
             config = make_config(method.config, config_values, files=ws.confined, train_data_dir=str(data))
             steps = [0]
 
@@ -182,7 +175,7 @@ def build(ws: Workspace, methods: list[Method], stop_button: StopButton) -> None
                 options = sampler.config(prompt=prompt)
                 pipe = ws.personalized(path, sampler)
                 samples = sample(pipe, options.pipeline_kwargs(), stop, progress, "sampling with the token")[0].images
-        text = _summary(method, token, train_config, steps[0], stopped, seconds, folder)
+        text = run_summary(method, f"`{token}`", train_config, steps[0], stopped, seconds, folder)
         if samples:
             text += f"\n\nSamples: `{prompt}`."
         return (

@@ -22,7 +22,7 @@ import shutil
 import tempfile
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -295,13 +295,9 @@ class Workspace:
             )
         return self.runs_dir / name
 
-    def prepare_run(
-        self, folder: Path, method: str, token: str, resume: bool, kit: str | None, uploads: list[str]
-    ) -> Path:
-        """Checks that ``folder`` suits a new or resumed run and writes its training images; returns their folder.
-
-        A new run takes a tiny-world subject kit (``kit``) or uploaded images; a resumed one keeps its own images.
-        """
+    def prepare_run(self, folder: Path, method: str, token: str, resume: bool, fill: Callable[[Path], None]) -> Path:
+        """Checks that ``folder`` suits a new or resumed run and has ``fill(data)`` write a new run's training data
+        (a kit, or uploads); returns the data folder. A resumed run keeps its own data."""
         from genreg.training import list_checkpoints
 
         data = folder / "data"
@@ -316,7 +312,7 @@ class Workspace:
             if saved.get("method") != method or saved.get("placeholder_token") != token:
                 raise ValueError(
                     f"run folder {folder.name} trains {saved.get('placeholder_token')} with {saved.get('method')}; "
-                    "resume it with the same method and placeholder token, or start a new run"
+                    "resume it with the same method and subject, or start a new run"
                 )
             return data
         if list_checkpoints(folder):
@@ -324,36 +320,34 @@ class Workspace:
                 f"run folder {folder.name} already holds a run: set 'Resume from checkpoint' to 'latest' to continue "
                 "it, or choose another folder name"
             )
-        images = self._read_uploads(uploads) if kit is None else None
-        # A run that failed before its first checkpoint left only its images behind: start it afresh.
+        # A run that failed before its first checkpoint left only its data behind: start it afresh.
         shutil.rmtree(data, ignore_errors=True)
         data.mkdir(parents=True)
-        if kit is not None:
-            from genreg.tinyworld.subjects import SUBJECTS, write_kit
-
-            if kit not in SUBJECTS:
-                raise ValueError(f"unknown subject kit {kit!r}; choose one of {', '.join(SUBJECTS)}")
-            write_kit(SUBJECTS[kit], data)
-        else:
-            for i, (stem, image) in enumerate(images):
-                image.save(data / f"{i:02d}-{slug(stem)}.png")
-        record.write_text(json.dumps({"method": method, "placeholder_token": token, "kit": kit}) + "\n")
+        fill(data)
+        record.write_text(json.dumps({"method": method, "placeholder_token": token}) + "\n")
         return data
 
     @staticmethod
-    def _read_uploads(uploads: list[str]) -> list:
+    def write_uploads(uploads: list[str], data: Path, captions: bool = False) -> None:
+        """Writes uploaded images into ``data`` (as PNG; with ``captions``, under their own names, beside the uploaded
+        ``.txt`` captions and ``metadata.jsonl``); refuses an unreadable one by name."""
         if not uploads:
-            raise ValueError(
-                "no training images: upload a few images of the subject, or pick a tiny-world subject kit"
-            )
-        images = []
-        for path in uploads:
-            name = Path(path).name
+            raise ValueError("no training images: upload a few images, or pick a tiny-world kit")
+        for i, path in enumerate(uploads):
+            path = Path(path)
+            if captions and (path.suffix == ".txt" or path.name == "metadata.jsonl"):
+                shutil.copyfile(path, data / path.name)
+                continue
             try:
-                images.append((Path(path).stem, load_image(path)))
+                image = load_image(path)
             except (ValueError, FileNotFoundError):
-                raise ValueError(f"{name} is not a readable image file; upload PNG, JPEG or WebP images") from None
-        return images
+                raise ValueError(
+                    f"{path.name} is not a readable image file; upload PNG, JPEG or WebP images"
+                ) from None
+            if captions:
+                shutil.copyfile(path, data / path.name)
+            else:
+                image.save(data / f"{i:02d}-{slug(path.stem)}.png")
 
     def train(self, method: Method, config, train_config, **fit_kwargs) -> Path:
         """Runs trainer ``method`` (``method.run``) on a private copy of the text encoder and tokenizer.

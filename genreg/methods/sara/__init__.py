@@ -18,6 +18,7 @@ from .sparse import (
     auto_learning_rate,
     load_into,
     merge,
+    merged,
     prepare,
     select,
     sparse_layers,
@@ -33,6 +34,7 @@ METHOD = register(
         help="fine-tune the UNet's small weights as a sparse update, no adapter at inference (Hu et al., ICLR 2025)",
         config=SaRATrainingConfig,
         run=train_sara,
+        apply=merged,
         train_defaults={
             "learning_rate": None,
             "max_train_steps": 1000,
@@ -57,6 +59,7 @@ __all__ = [
     "eligible_for_rank_loss",
     "load_into",
     "merge",
+    "merged",
     "prepare",
     "rank_loss",
     "select",

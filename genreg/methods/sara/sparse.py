@@ -14,7 +14,8 @@ from __future__ import annotations
 import fnmatch
 import json
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -255,6 +256,17 @@ def unmerge(model: nn.Module, delta: SaRADelta | str | Path) -> nn.Module:
         weight = params[name]
         weight.view(-1)[index.to(weight.device)] = delta.base[name].to(weight.device, weight.dtype)
     return model
+
+
+@contextmanager
+def merged(model: nn.Module, delta: SaRADelta | str | Path, alpha: float = 1.0) -> Iterator[nn.Module]:
+    """``model`` with ``delta`` merged for the block, and exactly as it was after it."""
+    delta = delta if isinstance(delta, SaRADelta) else SaRADelta.load(delta)
+    merge(model, delta, alpha)
+    try:
+        yield model
+    finally:
+        unmerge(model, delta)
 
 
 def load_into(pipe, delta: SaRADelta | str | Path, alpha: float = 1.0):

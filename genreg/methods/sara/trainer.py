@@ -64,8 +64,8 @@ def train_sara(pipe, config: SaRATrainingConfig, train: TrainConfig, **fit_kwarg
     """Fine-tunes ``pipe.unet`` with SaRA; returns the path of ``sara_delta.safetensors`` in ``train.output_dir``.
 
     ``train.learning_rate`` None takes the paper's 1e-3 exp(-350 threshold). Each ``checkpoint-N/`` holds the delta
-    too. On return ``pipe.unet`` is a plain UNet with the update merged (``unmerge`` restores the base); if training
-    fails, it is the UNet it was."""
+    too. ``pipe.unet`` is left as it was, whether training ends or fails: ``load_into(pipe, path)`` or ``merged``
+    samples with the update."""
     data = config.read(pipe)
     uncaptioned = sum(item.caption is None for item in data.items)
     if uncaptioned:
@@ -122,5 +122,5 @@ def train_sara(pipe, config: SaRATrainingConfig, train: TrainConfig, **fit_kwarg
     path = Path(train.output_dir) / DELTA_FILE
     if process_state().is_main_process:
         sara.save_pretrained(train.output_dir)
-    sara.merge_and_unload()
+    sara.unload()
     return path

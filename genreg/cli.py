@@ -6,6 +6,8 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from . import registry
@@ -29,20 +31,27 @@ def quiet_libraries() -> None:
     transformers.utils.logging.disable_progress_bar()  # "Loading weights"; diffusers' bars are sampling's too
 
 
-def _load(args: argparse.Namespace):
+@contextmanager
+def _quiet_loading(verbose: bool) -> Iterator[None]:
+    """Hides diffusers' "Loading pipeline components" bar unless ``verbose`` (the sampling bar after it stays)."""
     import diffusers.utils.logging
+
+    if not verbose:
+        diffusers.utils.logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        diffusers.utils.logging.enable_progress_bar()
+
+
+def _load(args: argparse.Namespace):
     import torch
 
     from .models import load_pipeline
 
     dtype = getattr(torch, args.dtype) if args.dtype else None
-    if args.verbose:
+    with _quiet_loading(args.verbose):
         return load_pipeline(args.model, device=args.device, dtype=dtype, config=args.model_config)
-    diffusers.utils.logging.disable_progress_bar()  # "Loading pipeline components", not the sampling bar after it
-    try:
-        return load_pipeline(args.model, device=args.device, dtype=dtype, config=args.model_config)
-    finally:
-        diffusers.utils.logging.enable_progress_bar()
 
 
 def _enlarged(image, scale: int):
@@ -91,6 +100,7 @@ def add_trainer_arguments(parser: argparse.ArgumentParser, method: registry.Meth
         help="'tinyworld', a diffusers directory, a hub id, or a .safetensors single file (with --model_config)",
     )
     _model_config_flag(parser)
+    parser.add_argument("--verbose", action="store_true", help="show the libraries' notices and loading bars")
     add_arguments(parser, method.config)
     add_arguments(parser, TrainConfig)
     parser.set_defaults(**method.train_defaults)
@@ -107,12 +117,13 @@ def run_trainer(method: registry.Method, args: argparse.Namespace) -> Path:
     train = from_namespace(TrainConfig, args)
     # Frozen weights in the autocast precision (as diffusers' scripts do); trained vectors stay in float32.
     dtype = PRECISION_DTYPES[train.mixed_precision]
-    pipe = load_pipeline(
-        args.pretrained_model_name_or_path,
-        device=str(process_state().device),
-        dtype=getattr(torch, dtype) if dtype else torch.float32,
-        config=args.model_config,
-    )
+    with _quiet_loading(args.verbose):
+        pipe = load_pipeline(
+            args.pretrained_model_name_or_path,
+            device=str(process_state().device),
+            dtype=getattr(torch, dtype) if dtype else torch.float32,
+            config=args.model_config,
+        )
     pipe.set_progress_bar_config(disable=True)
     return method.run(pipe, config, train)
 

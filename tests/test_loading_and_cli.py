@@ -155,6 +155,10 @@ def test_a_plain_command_is_quiet_unless_verbose(tmp_path, capfd):
     assert "2/2" in err  # the sampling progress bar stays
     assert main([*argv, "--verbose"]) == 0
     assert "Loading pipeline components" in capfd.readouterr().err
+    train = ["train", "textual-inversion", "--train_data_dir", str(tmp_path), "--resolution", "1"]
+    assert main(train) == 2  # refused after loading the model, whose size rule it needs
+    err = capfd.readouterr().err
+    assert "Loading pipeline components" not in err and "resolution 1 is not a multiple of 16" in err
 
 
 @pytest.mark.parametrize("damage", ["truncated unet", "bad index", "missing component"])

@@ -9,8 +9,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-KINDS = ("sampler", "editor", "trainer", "finetuner", "search")
-TRAINING = ("trainer", "finetuner")  # the kinds `genreg train NAME` runs
+KINDS = ("sampler", "editor", "trainer", "finetuner", "unlearner", "search")
+TRAINING = ("trainer", "finetuner", "unlearner")  # the kinds `genreg train NAME` runs
 
 
 @dataclass(frozen=True)
@@ -21,8 +21,8 @@ class Method:
     field appears: ``place="main" | "advanced" | "hidden"``). ``run`` does the work:
     a sampler's ``run(pipe, options)``; an editor's ``run(pipe, image, options, **settings)`` (``settings``: fields
     of the method's ``settings`` dataclass that the user changed);
-    a trainer's (a token's) or finetuner's (the model's weights) ``run(pipe, config, train: TrainConfig, **fit_kwargs)
-    -> Path``; a search's ``run(pipe, config)``.
+    a trainer's (a token's), finetuner's (the model's weights) or unlearner's (a new model without a concept)
+    ``run(pipe, config, train: TrainConfig, **fit_kwargs) -> Path``; a search's ``run(pipe, config)``.
     ``pipeline`` names the diffusers pipeline class of the method (``"genreg.pipelines.X"``), where it has one.
     """
 

@@ -12,6 +12,7 @@ from .guide_and_rescale import (
     GuideAndRescalePipelineOutput,
     GuideAndRescaleXLPipeline,
 )
+from .one_step import OneStepPipeline
 
 __all__ = [
     "AdaptiveGuidanceMixin",
@@ -22,4 +23,5 @@ __all__ = [
     "GuideAndRescalePipeline",
     "GuideAndRescalePipelineOutput",
     "GuideAndRescaleXLPipeline",
+    "OneStepPipeline",
 ]

@@ -15,8 +15,8 @@ from genreg.cli import add_trainer_arguments, build_parser, main
 from genreg.config import add_arguments, from_namespace, to_argv
 
 ROOT = Path(__file__).resolve().parents[1]
-# Fields a method's config cannot default (a folder of the user's images).
-REQUIRED = {"train_data_dir": "subject-images"}
+# Fields a method's config cannot default (a folder of the user's images, the concept to forget).
+REQUIRED = {"train_data_dir": "subject-images", "forget": "star", "override": "circle"}
 
 
 def argv_of(method: registry.Method) -> list[str]:
@@ -61,7 +61,11 @@ def test_config_round_trips_through_flags(method):
 @pytest.mark.parametrize("method", ALL, ids=lambda m: m.name)
 def test_bad_input_is_refused_with_a_message(method, tmp_path, capsys):
     if method.kind in registry.TRAINING:
-        argv = [*argv_of(method), "--train_data_dir", str(tmp_path), "--max_train_steps", "0"]
+        fields = method.config.__dataclass_fields__
+        required = [
+            f"--{k}={str(tmp_path) if k == 'train_data_dir' else v}" for k, v in REQUIRED.items() if k in fields
+        ]
+        argv = [*argv_of(method), *required, "--max_train_steps", "0"]
         message = "max_train_steps must be a positive whole number"
     elif method.kind == "editor":
         image = tmp_path / "in.png"

@@ -132,7 +132,7 @@ def trainer_main(name: str, argv: list[str] | None = None) -> None:
     """Entry point of ``scripts/train_<name>.py`` (runs under ``accelerate launch`` or ``torchrun``)."""
     import genreg.methods  # noqa: F401  (registers the methods)
 
-    method = registry.get(name.replace("_", "-"), registry.TRAINING)
+    method = registry.get(name.replace("_", "-"), (*registry.TRAINING, "search"))
     parser = argparse.ArgumentParser(description=method.help)
     add_trainer_arguments(parser, method)
     print(f"wrote {run_trainer(method, parser.parse_args(argv))}")
@@ -239,6 +239,13 @@ def build_parser() -> argparse.ArgumentParser:
         cmd = trainers.add_parser(method.name, help=method.help, description=method.help)
         add_trainer_arguments(cmd, method)
         cmd.set_defaults(func=lambda args, m=method: print(f"wrote {run_trainer(m, args)}"))
+    if registry.methods("search"):
+        search = sub.add_parser("search", help="search a method's settings with inner training runs (MemControl)")
+        searches = search.add_subparsers(dest="method", required=True)
+        for method in registry.methods("search"):
+            cmd = searches.add_parser(method.name, help=method.help, description=method.help)
+            add_trainer_arguments(cmd, method)  # the inner runs' training flags, as a trainer's
+            cmd.set_defaults(func=lambda args, m=method: print(f"wrote {run_trainer(m, args)}"))
 
     app = sub.add_parser("ui", help="start the web app and print its address")
     app.add_argument("--host", default="127.0.0.1", help="address to bind (default: this machine only)")

@@ -32,3 +32,18 @@ def diffusion_loss(unet, vae, scheduler, batch: dict, cond: torch.Tensor) -> tor
     )
     pred = unet(scheduler.add_noise(x0, noise, t), t, cond.to(unet.dtype)).sample
     return F.mse_loss(pred.float(), diffusion_target(scheduler, x0, noise, t).float())
+
+
+class FineTuneObjective(torch.nn.Module):
+    """The diffusion loss of ``pipe.unet`` (whatever in it is trainable) under the frozen text encoder's captions."""
+
+    def __init__(self, pipe):
+        super().__init__()
+        self.unet, self.vae, self.text_encoder, self.scheduler = pipe.unet, pipe.vae, pipe.text_encoder, pipe.scheduler
+        for module in (self.vae, self.text_encoder):
+            module.requires_grad_(False)
+
+    def forward(self, batch: dict) -> torch.Tensor:
+        with torch.no_grad():
+            cond = self.text_encoder(batch["input_ids"])[0]
+        return diffusion_loss(self.unet, self.vae, self.scheduler, batch, cond)

@@ -2,6 +2,7 @@
 
 - ``text_noise_norm``: Wen et al. (ICLR 2024)'s detector, ||eps(x_t, c) - eps(x_t, empty)||_2 averaged over the
   first sampling steps: memorized prompts pull the prediction far from the unconditional one from the first step.
+  ``teacher_forced_noise_norm``: the same norm at a noised training image (MemControl's reward).
 - ``nearest_training``: each generation's most similar training image, by pixels (1 - mean absolute difference in
   [0, 1]) or by an image embedding (cosine).
 - ``extraction_rate``: the share of generations whose nearest training image is closer than a threshold.
@@ -16,6 +17,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from .diffusion import encode_latents, noise_and_timesteps
 from .sd import predict, text_conditions, to_space
 
 
@@ -60,6 +62,26 @@ def text_noise_norm(
             latents = scheduler.step(uncond + guidance_scale * (cond - uncond), t, latents).prev_sample.to(unet.dtype)
         norms.append(total / steps)
     return torch.tensor(norms)
+
+
+@torch.no_grad()
+def teacher_forced_noise_norm(pipe, pixel_values: torch.Tensor, input_ids: torch.Tensor, seeds: torch.Tensor):
+    """Per training image (pixels in [-1, 1], its caption's token ids), ||eps(x_t, t, c) - eps(x_t, t, empty)||_2 at
+    x_t = its latent noised at one timestep drawn from ``seeds`` (one per image); in epsilon whatever the model
+    predicts."""
+    unet, scheduler = pipe.unet, pipe.scheduler
+    x0 = encode_latents(pipe.vae, pixel_values.to(pipe.device)).to(unet.dtype)
+    steps = scheduler.config.num_train_timesteps
+    noise, t = noise_and_timesteps(seeds, x0.shape[1:], steps, x0.device, x0.dtype)
+    x_t = scheduler.add_noise(x0, noise, t)
+    empty = pipe.tokenizer([""] * len(x0), padding="max_length", max_length=input_ids.shape[1], return_tensors="pt")
+    cond = pipe.text_encoder(torch.cat([empty.input_ids, input_ids.cpu()]).to(pipe.device))[0].to(unet.dtype)
+    uncond, cond = unet(torch.cat([x_t, x_t]), torch.cat([t, t]), cond).sample.float().chunk(2)
+    alpha_bar = scheduler.alphas_cumprod.to(x_t.device)[t].view(-1, 1, 1, 1)
+    eps_u, eps_c = (
+        to_space(p, x_t.float(), alpha_bar, scheduler.config.prediction_type, "epsilon") for p in (uncond, cond)
+    )
+    return (eps_c - eps_u).flatten(1).norm(dim=1).cpu()
 
 
 def nearest_training(generated, training, embed: Callable | None = None) -> tuple[torch.Tensor, torch.Tensor]:

@@ -22,7 +22,8 @@ class Method:
     a sampler's ``run(pipe, options)``; an editor's ``run(pipe, image, options, **settings)`` (``settings``: fields
     of the method's ``settings`` dataclass that the user changed);
     a trainer's (a token's), finetuner's (the model's weights) or unlearner's (a new model without a concept)
-    ``run(pipe, config, train: TrainConfig, **fit_kwargs) -> Path``; a search's ``run(pipe, config)``.
+    ``run(pipe, config, train: TrainConfig, **fit_kwargs) -> Path``; a search's the same, ``train`` setting its inner
+    runs.
     ``pipeline`` names the diffusers pipeline class of the method (``"genreg.pipelines.X"``), where it has one.
     """
 

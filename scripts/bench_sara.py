@@ -27,7 +27,8 @@ from pathlib import Path
 import torch
 
 from genreg import load_pipeline
-from genreg.methods.sara import DELTA_FILE, FineTuneObjective, SaRADelta, SaRATrainingConfig, load_into, train_sara
+from genreg.diffusion import FineTuneObjective
+from genreg.methods.sara import DELTA_FILE, SaRADelta, SaRATrainingConfig, load_into, train_sara
 from genreg.tinyworld import Evaluator, sample_scene, scene_prompt
 from genreg.tinyworld.concepts import CONCEPTS, concept_prompts, write_concept_kit
 from genreg.training import TrainConfig, fit

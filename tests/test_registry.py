@@ -16,11 +16,18 @@ from genreg.config import add_arguments, from_namespace, to_argv
 
 ROOT = Path(__file__).resolve().parents[1]
 # Fields a method's config cannot default (a folder of the user's images, the concept to forget).
-REQUIRED = {"train_data_dir": "subject-images", "forget": "star", "override": "circle"}
+REQUIRED = {
+    "train_data_dir": "subject-images",
+    "validation_data_dir": "held-out",
+    "forget": "star",
+    "override": "circle",
+}
 
 
 def argv_of(method: registry.Method) -> list[str]:
-    return [method.command] if method.kind in ("sampler", "editor") else ["train", method.name]
+    if method.kind in ("sampler", "editor"):
+        return [method.command]
+    return ["search" if method.kind == "search" else "train", method.name]
 
 
 def example_config(method: registry.Method):
@@ -50,7 +57,7 @@ def test_help_names_the_method(method, capsys):
 @pytest.mark.parametrize("method", ALL, ids=lambda m: m.name)
 def test_config_round_trips_through_flags(method):
     parser = argparse.ArgumentParser()
-    if method.kind in registry.TRAINING:
+    if method.kind in (*registry.TRAINING, "search"):
         add_trainer_arguments(parser, method)
     else:
         add_arguments(parser, method.config, dashes=True)
@@ -60,7 +67,7 @@ def test_config_round_trips_through_flags(method):
 
 @pytest.mark.parametrize("method", ALL, ids=lambda m: m.name)
 def test_bad_input_is_refused_with_a_message(method, tmp_path, capsys):
-    if method.kind in registry.TRAINING:
+    if method.kind in (*registry.TRAINING, "search"):
         fields = method.config.__dataclass_fields__
         required = [
             f"--{k}={str(tmp_path) if k == 'train_data_dir' else v}" for k, v in REQUIRED.items() if k in fields

@@ -2,4 +2,4 @@
 registration in ``genreg.registry``. Importing this package registers every method, in the order the surfaces
 list them."""
 
-from . import adaptive_guidance, cross_init, guide_and_rescale, sara, score_forgetting, textual_inversion  # noqa: F401
+from . import adaptive_guidance, cross_init, guide_and_rescale, memcontrol, sara, score_forgetting, textual_inversion  # noqa: F401

@@ -24,7 +24,7 @@ from .sparse import (
     sparse_layers,
     unmerge,
 )
-from .trainer import FineTuneObjective, SaRATrainingConfig, train_sara
+from .trainer import SaRATrainingConfig, train_sara
 
 METHOD = register(
     Method(
@@ -48,7 +48,6 @@ METHOD = register(
 __all__ = [
     "DELTA_FILE",
     "METHOD",
-    "FineTuneObjective",
     "SaRAAdamW",
     "SaRAConfig",
     "SaRADelta",

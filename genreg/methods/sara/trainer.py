@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from ...config import option
-from ...diffusion import diffusion_loss
+from ...diffusion import FineTuneObjective
 from ...io import image_grid, save_image
 from ...training import TrainConfig, fit, gradient_step, process_state
 from ...training.data import ImageDataConfig, check_caption
@@ -37,21 +37,6 @@ class SaRATrainingConfig(ImageDataConfig, SaRAConfig):
 def sara_settings(config: SaRAConfig) -> SaRAConfig:
     """The SaRA part of a training config, as ``prepare`` takes it."""
     return SaRAConfig(**{f.name: getattr(config, f.name) for f in dataclasses.fields(SaRAConfig)})
-
-
-class FineTuneObjective(nn.Module):
-    """The diffusion loss of the UNet (its SaRA values trainable) under the frozen text encoder's captions."""
-
-    def __init__(self, pipe):
-        super().__init__()
-        self.unet, self.vae, self.text_encoder, self.scheduler = pipe.unet, pipe.vae, pipe.text_encoder, pipe.scheduler
-        for module in (self.vae, self.text_encoder):
-            module.requires_grad_(False)
-
-    def forward(self, batch: dict) -> torch.Tensor:
-        with torch.no_grad():
-            cond = self.text_encoder(batch["input_ids"])[0]
-        return diffusion_loss(self.unet, self.vae, self.scheduler, batch, cond)
 
 
 def sara_optimizers(params, train: TrainConfig, lr: float) -> dict[str, torch.optim.Optimizer]:

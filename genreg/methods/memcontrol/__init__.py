@@ -1,0 +1,50 @@
+"""MemControl (Dutt et al., WACV 2025): search which transformer blocks to fine-tune (a binary mask, with the learning
+rate) so that the model learns the fine-tuning set without copying it; two objectives, memorization and quality."""
+
+from __future__ import annotations
+
+from ...registry import Method, register
+from .blocks import FAMILIES, add_adapter, attention_blocks, selected, target_pattern
+from .search import (
+    OBJECTIVES,
+    SAMPLERS,
+    MemControlConfig,
+    open_study,
+    pareto_front,
+    plot_pareto,
+    run_trial,
+    score,
+    search_memcontrol,
+    write_front,
+)
+
+METHOD = register(
+    Method(
+        name="memcontrol",
+        kind="search",
+        title="MemControl",
+        help="search which UNet blocks to fine-tune so the model learns without memorizing (Dutt et al., WACV 2025)",
+        config=MemControlConfig,
+        run=search_memcontrol,
+        train_defaults={"max_train_steps": 200, "train_batch_size": 8, "learning_rate": 1e-4, "max_grad_norm": 1.0},
+    )
+)
+
+__all__ = [
+    "FAMILIES",
+    "METHOD",
+    "OBJECTIVES",
+    "SAMPLERS",
+    "MemControlConfig",
+    "add_adapter",
+    "attention_blocks",
+    "open_study",
+    "pareto_front",
+    "plot_pareto",
+    "run_trial",
+    "score",
+    "search_memcontrol",
+    "selected",
+    "target_pattern",
+    "write_front",
+]

@@ -1,0 +1,215 @@
+"""MemControl's outer search (Dutt et al., WACV 2025): an Optuna study, two objectives both minimised, over a binary
+mask of the UNet's transformer blocks and the learning rate; each trial is a PEFT fine-tune on the shared loop scored
+by memorization (Wen et al.'s text-conditional noise norm at noised training images, max or mean: the official
+``max_norm``/``avg_norm``) and quality (Frechet distance between embeddings of generations for held-out captions and
+of the held-out images). The study lives in RDB storage, so several worker processes can fill one study; the Pareto
+front (masks, learning rates, metrics, trainable fraction) is written as JSON and PNG.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from PIL import Image, ImageDraw
+
+from ...config import option
+from ...diffusion import FineTuneObjective
+from ...io import atomic_write_text
+from ...metrics import frechet_distance, teacher_forced_noise_norm
+from ...training import TrainConfig, fit
+from ...training.data import ImageDataConfig, ImageFolder
+from .blocks import FAMILIES, add_adapter, attention_blocks
+
+logger = logging.getLogger(__name__)
+
+SAMPLERS = ("nsga2", "tpe", "random")
+OBJECTIVES = ("memorization", "frechet_distance")
+
+
+@dataclass
+class MemControlConfig(ImageDataConfig):
+    """The fine-tuning set (captioned), the held-out set of the quality objective, and the search's settings."""
+
+    validation_data_dir: str = option(
+        "", "held-out captioned images: the quality objective's reference", place="hidden"
+    )
+    n_trials: int = option(10, "trials this worker runs (several workers may share one study)")
+    sampler: str = option("tpe", "Optuna sampler", choices=SAMPLERS)
+    family: str = option("lora", "adapter on the selected blocks", choices=FAMILIES)
+    lora_rank: int = option(4, "LoRA rank", place="advanced")
+    lr_min: float = option(1e-5, "lowest learning rate searched (log-uniform)", place="advanced")
+    lr_max: float = option(1e-3, "highest learning rate searched", place="advanced")
+    reduce: str = option("max", "memorization over the training set: max or mean", choices=("max", "mean"))
+    storage: str = option("", "Optuna storage URL (any SQLAlchemy URL); empty: sqlite study.db in the output folder")
+    study_name: str = option("memcontrol", "the study's name in the storage", place="advanced")
+
+    def __post_init__(self):
+        super().__post_init__()
+        if not self.validation_data_dir:
+            raise ValueError("validation_data_dir is empty: pass held-out captioned images for the quality objective")
+        if not 0 < self.lr_min <= self.lr_max:
+            raise ValueError(f"the learning-rate range must be 0 < lr_min <= lr_max, got {self.lr_min}, {self.lr_max}")
+        if self.n_trials < 1:
+            raise ValueError(f"n_trials must be at least 1, got {self.n_trials}")
+
+
+def open_study(config: MemControlConfig, output_dir: str | Path, seed: int):
+    """The study (created, or loaded to add trials), refusing a storage that cannot be opened or a study created
+    with other objectives."""
+    import optuna
+
+    url = config.storage or f"sqlite:///{(Path(output_dir) / 'study.db').resolve()}"
+    Path(output_dir).mkdir(parents=True, exist_ok=True)
+    try:
+        storage = optuna.storages.RDBStorage(url)
+    except Exception as err:  # SQLAlchemy raises several kinds for a bad URL or an unreachable database
+        raise ValueError(
+            f"cannot open the study storage {url!r} ({err}); pass a SQLAlchemy URL, e.g. sqlite:///s.db"
+        ) from None
+    try:
+        study = optuna.load_study(study_name=config.study_name, storage=storage)
+    except KeyError:
+        study = optuna.create_study(study_name=config.study_name, storage=storage, directions=["minimize"] * 2)
+        study.set_user_attr("objectives", list(OBJECTIVES))
+    # Seeded by --seed and the trials so far: a resumed run goes on instead of repeating itself (workers started
+    # together need their own --seed).
+    seed = seed + len(study.trials)
+    study.sampler = {
+        "nsga2": lambda: optuna.samplers.NSGAIISampler(seed=seed),
+        "tpe": lambda: optuna.samplers.TPESampler(seed=seed, multivariate=True),
+        "random": lambda: optuna.samplers.RandomSampler(seed=seed),
+    }[config.sampler]()
+    if study.user_attrs.get("objectives") != list(OBJECTIVES) or len(study.directions) != 2:
+        raise ValueError(
+            f"study {config.study_name!r} in {url} was created with other objectives "
+            f"({study.user_attrs.get('objectives')}); choose another --study_name"
+        )
+    return study
+
+
+def run_trial(pipe, config: MemControlConfig, train: TrainConfig, mask, lr: float, embed: Callable, **fit_kwargs):
+    """One inner fine-tune of a copy of ``pipe``'s UNet with the mask's adapters; returns (memorization, Frechet
+    distance, trainable parameters, the fine-tuned pipeline)."""
+    tuned = type(pipe).from_pipe(pipe, unet=copy.deepcopy(pipe.unet))
+    tuned.set_progress_bar_config(disable=True)
+    trainable = add_adapter(tuned.unet, mask, config.family, config.lora_rank)
+    data = config.read(pipe)
+    train = dataclasses.replace(train, learning_rate=lr)
+    fit(FineTuneObjective(tuned), lambda s, i: data.sample(pipe.tokenizer, train.seed, s, i), train, **fit_kwargs)
+    tuned.unet.eval()
+    return (
+        *score(tuned, data, ImageFolder(config.validation_data_dir, data.size, True, 0.0), config, embed),
+        trainable,
+        tuned,
+    )
+
+
+def score(pipe, data: ImageFolder, held_out: ImageFolder, config: MemControlConfig, embed: Callable):
+    """(memorization, Frechet distance): the noise norm over every training image, reduced; the distance between
+    embeddings of one generation per held-out caption (seed k for caption k) and of the held-out images."""
+    items = data.items
+    ids = pipe.tokenizer(
+        [item.caption or "" for item in items],
+        padding="max_length",
+        truncation=True,
+        max_length=pipe.tokenizer.model_max_length,
+        return_tensors="pt",
+    ).input_ids
+    pixels = torch.stack([item.pixels for item in items])
+    norms = teacher_forced_noise_norm(pipe, pixels, ids, torch.arange(len(items)))
+    memorization = float(norms.max() if config.reduce == "max" else norms.mean())
+    captions = [item.caption or "" for item in held_out.items]
+    generators = [torch.Generator().manual_seed(k) for k in range(len(captions))]
+    generated = pipe(captions, num_inference_steps=25, generator=generators).images
+    references = [
+        Image.fromarray(((item.pixels.permute(1, 2, 0) + 1) * 127.5).round().byte().numpy()) for item in held_out.items
+    ]
+    return memorization, frechet_distance(embed(generated), embed(references))
+
+
+def pareto_front(points: list[tuple[float, float]]) -> list[int]:
+    """Indices of the points no other point beats in both coordinates (both minimised)."""
+    return [i for i, (a, b) in enumerate(points) if not any(c <= a and d <= b and (c, d) != (a, b) for c, d in points)]
+
+
+def plot_pareto(points: list[tuple[float, float]], front: list[int], path: Path, size: int = 480) -> None:
+    """A scatter of every trial (grey) and the front (red, joined), memorization across, quality up."""
+    image = Image.new("RGB", (size, size), "white")
+    draw, pad = ImageDraw.Draw(image), 48
+    lows = [min(p[k] for p in points) for k in (0, 1)]
+    spans = [(max(p[k] for p in points) - lows[k]) or 1.0 for k in (0, 1)]
+
+    def place(p: tuple[float, float]) -> tuple[float, float]:
+        fx, fy = ((p[k] - lows[k]) / spans[k] for k in (0, 1))
+        return pad + fx * (size - 2 * pad), size - pad - fy * (size - 2 * pad)
+
+    draw.line([(pad, pad), (pad, size - pad), (size - pad, size - pad)], fill="black")
+    draw.text((size // 2 - 60, size - pad + 16), "memorization (lower: less)", fill="black")
+    draw.text((4, 8), "Frechet distance (lower: better)", fill="black")
+    for i, p in enumerate(points):
+        x, y = place(p)
+        draw.ellipse([x - 4, y - 4, x + 4, y + 4], fill="red" if i in front else "grey")
+    draw.line([place(points[i]) for i in sorted(front, key=lambda i: points[i])], fill="red", width=2)
+    image.save(path)
+
+
+def write_front(study, blocks: list[str], total: int, output_dir: Path) -> Path:
+    """The Pareto front of the finished trials as ``pareto.json`` and ``pareto.png``; returns the JSON path."""
+    trials = [t for t in study.trials if t.values is not None and len(t.values) == 2]
+    if not trials:
+        raise ValueError("the study has no finished trial yet")
+    points = [tuple(t.values) for t in trials]
+    front = pareto_front(points)
+    rows = [
+        {
+            "trial": t.number,
+            "mask": [int(t.params[b]) for b in blocks],
+            "learning_rate": t.params["learning_rate"],
+            OBJECTIVES[0]: t.values[0],
+            OBJECTIVES[1]: t.values[1],
+            "trainable_fraction": t.user_attrs.get("trainable", 0) / total,
+            "pareto": i in front,
+        }
+        for i, t in enumerate(trials)
+    ]
+    plot_pareto(points, front, output_dir / "pareto.png")
+    return atomic_write_text(output_dir / "pareto.json", json.dumps({"blocks": blocks, "trials": rows}, indent=1))
+
+
+def search_memcontrol(pipe, config: MemControlConfig, train: TrainConfig, embed: Callable | None = None, **kw) -> Path:
+    """Runs ``config.n_trials`` trials of the study (shared with any other worker on its storage); writes the front.
+    ``embed(images) -> (N, d)``: the quality objective's image embedding (default: the tiny-world evaluator's)."""
+    if embed is None:
+        from ...tinyworld import Evaluator
+
+        embed = Evaluator.load().embed
+    blocks = attention_blocks(pipe.unet)
+    if not blocks:
+        raise ValueError("this UNet has no transformer blocks to choose from")
+    total = sum(p.numel() for p in pipe.unet.parameters())
+    output_dir = Path(train.output_dir)
+    study = open_study(config, output_dir, train.seed)
+
+    def objective(trial) -> tuple[float, float]:
+        import optuna
+
+        mask = [trial.suggest_categorical(block, [0, 1]) for block in blocks]
+        lr = trial.suggest_float("learning_rate", config.lr_min, config.lr_max, log=True)
+        if not any(mask):
+            raise optuna.TrialPruned("the mask selects no block")
+        run = dataclasses.replace(
+            train, output_dir=str(output_dir / "trials" / f"trial-{trial.number}"), checkpointing_steps=0
+        )
+        memorization, distance, trainable, _ = run_trial(pipe, config, run, mask, lr, embed, **kw)
+        trial.set_user_attr("trainable", trainable)
+        return memorization, distance
+
+    study.optimize(objective, n_trials=config.n_trials)
+    return write_front(study, blocks, total, output_dir)

@@ -138,7 +138,7 @@ def build(ws: Workspace, methods: list[Method], stop_button: StopButton) -> None
                 progress((step, train_config.max_train_steps), desc=f"training · loss {loss:.4f}", unit="steps")
 
             start = time.perf_counter()
-            with preserved(ws.base.unet, ws.base.vae):  # the finetuner leaves the weights as they were
+            with preserved(ws.base.unet, ws.base.vae, ws.base.text_encoder):  # modes and flags back after
                 path = method.run(ws.base, config, train_config, should_stop=stop.is_set, on_step=on_step)
             seconds = time.perf_counter() - start
             stopped = stop.is_set() and steps[0] < train_config.max_train_steps

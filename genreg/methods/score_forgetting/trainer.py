@@ -148,7 +148,8 @@ def save_one_step_pipeline(pipe, generator: nn.Module, t_init: int, directory: P
 
 def train_sfd(pipe, config: SFDConfig, train: TrainConfig, **fit_kwargs) -> Path:
     """Distils ``pipe`` into a one-step generator that draws ``config.override`` where prompts name ``config.forget``;
-    returns the folder of the ``OneStepPipeline`` (``train.output_dir/generator``). ``pipe`` is left as it was."""
+    returns the folder of the ``OneStepPipeline`` (``train.output_dir/generator``). ``pipe``'s weights are left as
+    they were."""
     check_model(pipe)
     forget, override, remain = prompt_sets(config)
     objective = SFDObjective(pipe, config).to(pipe.device)

@@ -226,3 +226,23 @@ def run_summary(method, what: str, train, done: int, stopped: bool, seconds: flo
     else:
         lines.append(f"To train it further, raise max_train_steps and resume `{folder.name}` from 'latest'.")
     return "\n\n".join(lines)
+
+
+def follow_training_defaults(form, train: dict) -> None:
+    """Picking a method in ``form`` puts its ``train_defaults`` into the shared training fields ``train``."""
+
+    def use_defaults(method) -> list:
+        return [
+            gr.update(value=method.train_defaults[n]) if n in method.train_defaults else gr.update() for n in train
+        ]
+
+    form.follow_picker(list(train.values()), use_defaults)
+
+
+def follow_source(source: gr.Radio, kit: list, upload: gr.Component) -> None:
+    """The data-source radio shows the kit's components for "kit" and the upload box otherwise."""
+
+    def use(value) -> list:
+        return [gr.update(visible=value == "kit") for _ in kit] + [gr.update(visible=value != "kit")]
+
+    source.change(use, [source], [*kit, upload], **HELPER)

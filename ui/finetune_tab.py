@@ -17,7 +17,20 @@ from genreg import registry
 from genreg.registry import Method
 from genreg.training import TrainConfig
 
-from .common import GPU, HELPER, StopButton, endpoint, enlarge, resume_setting, run_summary, sample, seeded, session_of
+from .common import (
+    GPU,
+    HELPER,
+    StopButton,
+    endpoint,
+    enlarge,
+    follow_source,
+    follow_training_defaults,
+    resume_setting,
+    run_summary,
+    sample,
+    seeded,
+    session_of,
+)
 from .forms import MethodForm, build_form, make_config
 from .workspace import Workspace, preserved
 
@@ -91,18 +104,8 @@ def build(ws: Workspace, methods: list[Method], stop_button: StopButton) -> None
             summary = gr.Markdown(elem_id="ft-report")
             result = gr.File(label="Result (download)", elem_id="ft-result")
 
-    def use_defaults(method: Method) -> list:
-        return [
-            gr.update(value=method.train_defaults[n]) if n in method.train_defaults else gr.update() for n in train
-        ]
-
-    form.follow_picker(list(train.values()), use_defaults)
-
-    def use_source(value):
-        is_kit = value == "kit"
-        return gr.update(visible=is_kit), gr.update(visible=is_kit), gr.update(visible=not is_kit)
-
-    source.change(use_source, [source], [concept_box, preview, uploads], **HELPER)
+    follow_training_defaults(form, train)
+    follow_source(source, [concept_box, preview], uploads)
     concept_box.change(lambda c: (concept_images(c), concept_prompt(c)), [concept_box], [preview, prompt], **HELPER)
 
     def finetune(values, request, progress):

@@ -17,7 +17,20 @@ from genreg import registry
 from genreg.registry import Method
 from genreg.training import TrainConfig
 
-from .common import GPU, HELPER, StopButton, endpoint, enlarge, resume_setting, run_summary, sample, seeded, session_of
+from .common import (
+    GPU,
+    HELPER,
+    StopButton,
+    endpoint,
+    enlarge,
+    follow_source,
+    follow_training_defaults,
+    resume_setting,
+    run_summary,
+    sample,
+    seeded,
+    session_of,
+)
 from .forms import MethodForm, build_form, make_config
 from .workspace import Workspace
 
@@ -109,18 +122,8 @@ def build(ws: Workspace, methods: list[Method], stop_button: StopButton) -> None
             token_gallery = gr.Gallery(label="Images", columns=4, format="png", height=240, elem_id="token-gallery")
 
     # form updates: the trainer's own fields and training defaults; the kit's token, initializer and preview
-    def use_defaults(method: Method) -> list:
-        return [
-            gr.update(value=method.train_defaults[n]) if n in method.train_defaults else gr.update() for n in train
-        ]
-
-    form.follow_picker(list(train.values()), use_defaults)
-
-    def use_source(value):
-        is_kit = value == "kit"
-        return gr.update(visible=is_kit), gr.update(visible=is_kit), gr.update(visible=not is_kit)
-
-    source.change(use_source, [source], [subject_box, preview, uploads], **HELPER)
+    follow_training_defaults(form, train)
+    follow_source(source, [subject_box, preview], uploads)
     kit_names = [n for n in kit_values(subject) if n in form.fields]
 
     def use_subject(name):

@@ -125,7 +125,7 @@ def test_tabs_and_forms_come_from_the_registry(app):
     from genreg.training import TrainConfig
 
     tabs = [c["props"]["label"] for c in app.get_config_file()["components"] if c["type"] == "tabitem"]
-    assert tabs == ["Generate", "Edit", "Personalize", "Fine-tune"]  # one per kind with methods; no search, no tab
+    assert tabs == ["Generate", "Edit", "Personalize", "Fine-tune", "Unlearn"]  # a tab per kind; no tab for search
     params = {
         name: {p["parameter_name"] for p in endpoint["parameters"]}
         for name, endpoint in app.get_api_info()["named_endpoints"].items()
@@ -328,6 +328,28 @@ def test_finetune_a_concept_kit_shows_before_and_after_and_leaves_the_model(app,
             **TINY_TRAIN,
             api_name="/finetune",
         )
+
+
+def test_unlearn_draws_teacher_and_one_step_student_and_leaves_the_model(app, client):
+    unet = app.workspace.base.unet
+    weights = {k: v.clone() for k, v in unet.state_dict().items()}
+    teacher, student, report = client.predict(
+        method="sfd",
+        forget="star",
+        override="circle",
+        prompt="a large red star in the center",
+        max_train_steps=1,
+        train_batch_size=1,
+        checkpointing_steps=1,
+        report_to="none",
+        api_name="/unlearn",
+    )
+    assert len(teacher) == len(student) == 4 and all(is_real_image(item["image"]) for item in teacher + student)
+    assert "1 steps" in report and "`star` (drawn as `circle`)" in report
+    assert all(torch.equal(v, weights[k]) for k, v in unet.state_dict().items())
+    assert (next(app.workspace.runs_dir.glob("sfd-*")) / "generator" / "model_index.json").is_file()
+    with pytest.raises(AppError, match="forget and override are the same"):
+        client.predict(method="sfd", forget="star", override="star", api_name="/unlearn")
 
 
 def test_edit_shows_before_and_after(client, tmp_path):

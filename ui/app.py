@@ -17,7 +17,7 @@ import gradio as gr
 import genreg.methods  # noqa: F401  (registers every method)
 from genreg import registry
 
-from . import edit_tab, finetune_tab, generate_tab, train_tab
+from . import edit_tab, finetune_tab, generate_tab, train_tab, unlearn_tab
 from .common import GPU, endpoint, session_of, stop_buttons
 from .workspace import Workspace
 
@@ -31,6 +31,7 @@ TABS: dict[str, tuple[str, str, Callable]] = {
     "editor": ("Edit", "edit", edit_tab.build),
     "trainer": ("Personalize", "personalize", train_tab.build),
     "finetuner": ("Fine-tune", "finetune", finetune_tab.build),
+    "unlearner": ("Unlearn", "unlearn", unlearn_tab.build),
 }
 
 

@@ -23,10 +23,14 @@ class SFDConfig:
     forget: str = option("", "the concept to forget: a word of the prompts, e.g. 'star'")
     override: str = option("", "what the forget prompts draw instead, e.g. 'circle' (it replaces the word)")
     forget_prompts: str = option(
-        TINYWORLD, "prompts naming the concept: a text file (one per line) or 'tinyworld' (rendered-world captions)"
+        TINYWORLD,
+        "prompts naming the concept: a text file (one per line) or 'tinyworld' (rendered-world captions)",
+        place="hidden",  # a server path: the app keeps the tiny-world prompts
     )
     remain_prompts: str = option(
-        TINYWORLD, "prompts whose images must not change: a text file or 'tinyworld' (captions without the concept)"
+        TINYWORLD,
+        "prompts whose images must not change: a text file or 'tinyworld' (captions without the concept)",
+        place="hidden",
     )
     alpha: float = option(1.0, "SiD's alpha (1.2 in the CIFAR-10 runs)", place="advanced")
     guidance_teacher: float = option(4.5, "CFG scale of the teacher in the generator loss", place="advanced")

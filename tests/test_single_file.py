@@ -88,6 +88,7 @@ def test_a_single_file_loads_the_weights_and_renders_the_images_of_the_directory
 def test_the_config_directory_needs_configs_only(reference, single_file, tmp_path, no_network):
     configs = tmp_path / "repo"  # the model's repository folder without its weights
     shutil.copytree(model_path(), configs, ignore=shutil.ignore_patterns("*.safetensors", "*.bin"))
+    assert not list(configs.rglob("*.safetensors")) and (configs / "model_index.json").is_file()
     _assert_same_weights(load_pipeline(single_file, device="cpu", config=configs), reference)
 
 

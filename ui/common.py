@@ -17,7 +17,7 @@ from PIL import Image
 
 from genreg.io import save_image
 
-from .workspace import Workspace
+from .workspace import Workspace, preserved
 
 logger = logging.getLogger(__name__)
 
@@ -246,3 +246,19 @@ def follow_source(source: gr.Radio, kit: list, upload: gr.Component) -> None:
         return [gr.update(visible=value == "kit") for _ in kit] + [gr.update(visible=value != "kit")]
 
     source.change(use, [source], [*kit, upload], **HELPER)
+
+
+def train_shared_model(ws: Workspace, method, config, train, stop: threading.Event, progress: gr.Progress):
+    """Runs a finetuner or unlearner on the shared model (which it leaves as it was; modes and flags restored) with
+    live progress; returns (its result, steps done, whether Stop ended it early, seconds)."""
+    done = [0]
+
+    def on_step(step: int, loss: float) -> None:
+        done[0] = step
+        progress((step, train.max_train_steps), desc=f"training · loss {loss:.4f}", unit="steps")
+
+    start = time.perf_counter()
+    with preserved(ws.base.unet, ws.base.vae, ws.base.text_encoder):
+        path = method.run(ws.base, config, train, should_stop=stop.is_set, on_step=on_step)
+    stopped = stop.is_set() and done[0] < train.max_train_steps
+    return path, done[0], stopped, time.perf_counter() - start

@@ -9,8 +9,6 @@ while the after-images are drawn: before and after use the same prompt and seeds
 
 from __future__ import annotations
 
-import time
-
 import gradio as gr
 
 from genreg import registry
@@ -30,9 +28,10 @@ from .common import (
     sample,
     seeded,
     session_of,
+    train_shared_model,
 )
 from .forms import MethodForm, build_form, make_config
-from .workspace import Workspace, preserved
+from .workspace import Workspace
 
 SOURCES = [("Tiny-world concept kit", "kit"), ("My captioned images", "upload")]
 INTRO = (
@@ -134,17 +133,7 @@ def build(ws: Workspace, methods: list[Method], stop_button: StopButton) -> None
         with ws.job("finetune", session_of(request)) as stop, ws.cleaned_up(folder):
             data = ws.prepare_run(folder, method.name, subject, resume, fill)
             config = make_config(method.config, config_values, files=ws.confined, train_data_dir=str(data))
-            steps = [0]
-
-            def on_step(step: int, loss: float) -> None:
-                steps[0] = step
-                progress((step, train_config.max_train_steps), desc=f"training · loss {loss:.4f}", unit="steps")
-
-            start = time.perf_counter()
-            with preserved(ws.base.unet, ws.base.vae, ws.base.text_encoder):  # modes and flags back after
-                path = method.run(ws.base, config, train_config, should_stop=stop.is_set, on_step=on_step)
-            seconds = time.perf_counter() - start
-            stopped = stop.is_set() and steps[0] < train_config.max_train_steps
+            path, done, stopped, seconds = train_shared_model(ws, method, config, train_config, stop, progress)
             drawn = ([], [])
             if not stopped:  # Stop means stop now: no samples
                 pipe = ws.pipeline(sampler)
@@ -154,7 +143,7 @@ def build(ws: Workspace, methods: list[Method], stop_button: StopButton) -> None
                         first,
                         sample(pipe, options.pipeline_kwargs(), stop, progress, "sampling after")[0].images,
                     )
-        report = run_summary(method, subject, train_config, steps[0], stopped, seconds, folder)
+        report = run_summary(method, subject, train_config, done, stopped, seconds, folder)
         return seeded(drawn[0], options.seed), seeded(drawn[1], options.seed), report, str(ws.keep(path))
 
     inputs = {"source": source, "concept": concept_box, "images": uploads, "run_folder": run_folder}

@@ -8,8 +8,6 @@ run resumes; the shared model is the frozen teacher and is left as it was.
 
 from __future__ import annotations
 
-import time
-
 import gradio as gr
 import torch
 
@@ -27,9 +25,10 @@ from .common import (
     sample,
     seeded,
     session_of,
+    train_shared_model,
 )
 from .forms import MethodForm, build_form, make_config
-from .workspace import Workspace, preserved
+from .workspace import Workspace
 
 INTRO = (
     "Forget a concept while distilling the model into a one-step generator, from prompts alone: where a prompt names "
@@ -81,17 +80,7 @@ def build(ws: Workspace, methods: list[Method], stop_button: StopButton) -> None
         )
         options = sampler.config(prompt=text, guidance="cfg")  # the teacher as it is
         with ws.job("unlearn", session_of(request)) as stop, ws.cleaned_up(folder):
-            steps = [0]
-
-            def on_step(step: int, loss: float) -> None:
-                steps[0] = step
-                progress((step, train_config.max_train_steps), desc=f"training · loss {loss:.4f}", unit="steps")
-
-            start = time.perf_counter()
-            with preserved(ws.base.unet, ws.base.vae, ws.base.text_encoder):
-                path = method.run(ws.base, config, train_config, should_stop=stop.is_set, on_step=on_step)
-            seconds = time.perf_counter() - start
-            stopped = stop.is_set() and steps[0] < train_config.max_train_steps
+            path, done, stopped, seconds = train_shared_model(ws, method, config, train_config, stop, progress)
             drawn = ([], [])
             if not stopped:  # Stop means stop now: no samples
                 kwargs = options.pipeline_kwargs()
@@ -104,7 +93,7 @@ def build(ws: Workspace, methods: list[Method], stop_button: StopButton) -> None
             method,
             f"`{config.forget}` (drawn as `{config.override}`)",
             train_config,
-            steps[0],
+            done,
             stopped,
             seconds,
             folder,

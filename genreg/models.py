@@ -3,6 +3,7 @@ single-file `.safetensors` checkpoint with the configs of a local diffusers dire
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -138,6 +139,22 @@ def load_single_file(path: str, config: str, dtype: torch.dtype, **kwargs) -> Di
     return pipe
 
 
+def pipeline_class(source: str) -> type[DiffusionPipeline]:
+    """The class that loads directory ``source``: the genreg pipeline its model_index.json names (diffusers cannot
+    find those by name, e.g. Score Forgetting's ``OneStepPipeline``), else ``DiffusionPipeline``, which picks the
+    diffusers class itself (and reports a damaged index)."""
+    try:
+        name = json.loads((Path(source) / "model_index.json").read_text())["_class_name"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return DiffusionPipeline
+    if not isinstance(name, str) or hasattr(diffusers, name):
+        return DiffusionPipeline
+    import genreg.pipelines
+
+    cls = getattr(genreg.pipelines, name, None) if name in genreg.pipelines.__all__ else None
+    return cls if isinstance(cls, type) and issubclass(cls, DiffusionPipeline) else DiffusionPipeline
+
+
 def load_pipeline(
     name_or_path: str | os.PathLike = "tinyworld",
     device: str | torch.device | None = None,
@@ -146,7 +163,9 @@ def load_pipeline(
     **kwargs,
 ) -> DiffusionPipeline:
     """Loads a diffusers pipeline by name: ``"tinyworld"`` (bundled), a local directory, a hub id from the cache, or
-    a single-file ``.safetensors`` checkpoint with ``config``.
+    a single-file ``.safetensors`` checkpoint with ``config``. A directory whose model_index.json names one of
+    genreg's pipelines (``genreg.pipelines``, e.g. the ``OneStepPipeline`` that Score Forgetting Distillation writes)
+    loads as that class.
 
     Nothing is downloaded: a hub id must already be in the local Hugging Face cache, and a single file takes its
     component configs, tokenizer and scheduler from ``config``, a local diffusers directory of the same architecture
@@ -163,7 +182,7 @@ def load_pipeline(
     if config is not None:
         raise ValueError(f"config is only for single-file checkpoints; {source} brings its own configs")
     try:
-        pipe = DiffusionPipeline.from_pretrained(source, dtype=dtype, local_files_only=True, **kwargs)
+        pipe = pipeline_class(source).from_pretrained(source, dtype=dtype, local_files_only=True, **kwargs)
     except (OSError, ValueError, KeyError, AttributeError, SafetensorError) as err:
         if Path(source).is_dir():  # a damaged directory: a truncated weights file, a bad index, a missing part
             raise ValueError(

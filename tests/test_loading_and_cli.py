@@ -85,6 +85,34 @@ def test_cli_generate_writes_a_grid(tmp_path, capsys):
     assert "wrote" in capsys.readouterr().out
 
 
+def test_a_score_forgetting_output_loads_and_generates_in_one_step(tmp_path, capsys):
+    from genreg.pipelines import OneStepPipeline
+
+    from genreg.methods.score_forgetting import save_one_step_pipeline
+    from genreg.testing import tiny_sd_components
+
+    teacher = StableDiffusionPipeline(**tiny_sd_components())
+    model = tmp_path / "generator"
+    save_one_step_pipeline(teacher, teacher.unet, 440, model)  # what train_sfd writes
+    pipe = load_pipeline(model, device="cpu")
+    assert isinstance(pipe, OneStepPipeline) and pipe.config.t_init == 440 and pipe.dtype == torch.float32
+    prompts = ["a red circle", "a blue square"]
+    generators = [torch.Generator().manual_seed(k) for k in range(4)]
+    images = pipe(prompts, num_images_per_prompt=2, generator=generators).images
+    assert [im.size for im in images] == [(32, 32)] * 4
+
+    out = tmp_path / "grid.png"
+    assert main(["generate", *prompts, "--model", str(model), "--images-per-prompt", "2", "--out", str(out)]) == 0
+    assert "one step" in capsys.readouterr().out
+    grid = np.asarray(Image.open(out))
+    assert grid.shape == (64, 64, 3)  # a row per prompt, drawn from seeds 0..3 as above
+    np.testing.assert_array_equal(grid[32:, :32], np.asarray(images[2]))
+
+    assert main(["generate", "a red circle", "--model", str(model), "--steps", "10", "--guidance", "cfg"]) == 2
+    err = capsys.readouterr().err
+    assert "one-step generator" in err and "guidance, num_inference_steps" in err and "Traceback" not in err
+
+
 @pytest.mark.parametrize(
     "argv, message",
     [

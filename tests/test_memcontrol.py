@@ -4,6 +4,7 @@ used) and the Pareto front it writes, on tiny components."""
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import numpy as np
@@ -15,9 +16,15 @@ from PIL import Image
 from genreg.cli import main
 from genreg.methods.memcontrol import (
     MemControlConfig,
+    MemControlFinetuneConfig,
     add_adapter,
+    applied,
     attention_blocks,
+    choose,
+    finetune_memcontrol,
+    knee,
     pareto_front,
+    parse_mask,
     search_memcontrol,
 )
 from genreg.testing import tiny_sd_components
@@ -120,3 +127,87 @@ def test_genreg_search_memcontrol_refuses_a_missing_held_out_set(tmp_path, folde
     argv = ["search", "memcontrol", "--train_data_dir", str(folders[0]), "--output_dir", str(tmp_path / "o")]
     assert main(argv) == 2
     assert "validation_data_dir is empty" in capsys.readouterr().err
+
+
+def test_masks_parse_from_bits_and_the_knee_balances_both_objectives(tmp_path):
+    assert parse_mask("0110") == parse_mask("0, 1, 1, 0") == [0, 1, 1, 0]
+    with pytest.raises(ValueError, match="0s and 1s"):
+        parse_mask("0,2,1")
+    objectives = [(1.0, 9.0, True), (3.0, 2.0, True), (9.0, 1.0, True), (9.0, 9.0, False)]
+    rows = [
+        {"trial": k, "memorization": m, "frechet_distance": f, "pareto": front, "mask": [1, k % 2], "learning_rate": k}
+        for k, (m, f, front) in enumerate(objectives)
+    ]
+    assert knee([r for r in rows if r["pareto"]])["trial"] == 1
+    path = tmp_path / "pareto.json"
+    path.write_text(json.dumps({"blocks": ["a", "b"], "trials": rows}))
+    assert choose(path)["trial"] == 1 and choose(path, trial=3)["mask"] == [1, 1]
+    with pytest.raises(ValueError, match="no finished trial 7"):
+        choose(path, trial=7)
+
+
+@pytest.mark.parametrize("family", ["lora", "ia3"])
+def test_stage_two_trains_the_masked_blocks_and_its_result_loads_and_applies_exactly(tmp_path, folders, family):
+    base = pipe()
+    before = {k: v.clone() for k, v in base.unet.state_dict().items()}
+    bits = ",".join(["1"] + ["0"] * (len(attention_blocks(base.unet)) - 1))
+    config = MemControlFinetuneConfig(train_data_dir=str(folders[0]), mask=bits, family=family)
+    result = finetune_memcontrol(base, config, run(tmp_path, max_train_steps=3, learning_rate=0.05))
+    assert all(torch.equal(v, base.unet.state_dict()[k]) for k, v in before.items())  # the base is untouched
+    g = torch.Generator().manual_seed(0)
+    plain = base("a red circle", num_inference_steps=2, generator=g, output_type="np").images
+    base.unet.requires_grad_(True)
+    with applied(base.unet, result, alpha=1.0):
+        tuned = base("a red circle", num_inference_steps=2, generator=g.manual_seed(0), output_type="np").images
+    assert np.abs(tuned - plain).max() > 1e-4  # the result changes the model
+    assert all(torch.equal(v, base.unet.state_dict()[k]) for k, v in before.items())  # and is removed after
+    assert all(p.requires_grad for p in base.unet.parameters())
+    loaded = pipe()  # the standard loaders
+    if family == "lora":
+        loaded.load_lora_weights(str(result.parent))
+    else:
+        loaded.unet = type(loaded.unet).from_pretrained(result)
+    again = loaded("a red circle", num_inference_steps=2, generator=g.manual_seed(0), output_type="np").images
+    np.testing.assert_allclose(again, tuned, atol=1e-5)
+
+
+def test_stage_two_takes_the_knee_of_a_search_and_refuses_a_mask_and_a_front_together(tmp_path, folders):
+    path = search_memcontrol(pipe(), settings(folders, sampler="random"), run(tmp_path), embed=mean_colour)
+    config = MemControlFinetuneConfig(train_data_dir=str(folders[0]), pareto=str(path))
+    mask, lr = config.resolve()
+    row = choose(path)
+    assert mask == row["mask"] and lr == row["learning_rate"] and row["pareto"]
+    with pytest.raises(ValueError, match="either --pareto"):
+        MemControlFinetuneConfig(train_data_dir=str(folders[0]), pareto=str(path), mask="1")
+    with pytest.raises(ValueError, match="either --pareto"):
+        MemControlFinetuneConfig(train_data_dir=str(folders[0]))
+
+
+def test_a_trial_whose_worker_died_is_failed_and_queued_again(tmp_path, folders, monkeypatch):
+    import optuna
+
+    from genreg.methods.memcontrol import search
+
+    monkeypatch.setattr(search, "HEARTBEAT_SECONDS", 1)
+    config = settings(folders, sampler="random")
+    study = search.open_study(config, tmp_path / "out", seed=0)
+    dead = study.ask()  # a worker took a trial and died: no more heartbeats
+    dead.suggest_float("learning_rate", 1e-5, 1e-3, log=True)
+    study._storage.record_heartbeat(dead._trial_id)
+    time.sleep(2.5)
+    search_memcontrol(pipe(), config, run(tmp_path), embed=mean_colour)
+    states = [t.state for t in optuna.load_study(study_name="memcontrol", storage=study._storage).trials]
+    assert states[0] == optuna.trial.TrialState.FAIL and optuna.trial.TrialState.COMPLETE in states
+
+
+def test_the_memorization_kit_repeats_some_images_and_names_no_detail(tmp_path):
+    from genreg.tinyworld.concepts import read_kit_scenes, write_memorization_kit
+
+    kit = write_memorization_kit(tmp_path / "kit", "cyan", unique=3, repeated=2, copies=4)
+    assert len(list(kit.glob("*.png"))) == 3 + 2 * 4
+    rows = read_kit_scenes(kit)
+    assert [r for _, _, r in rows] == [False] * 3 + [True] * 2
+    assert len({c for c, _, _ in rows}) == 5  # every distinct image has its own caption
+    for caption, scene, _ in rows:
+        assert scene.objects[0].color == "cyan" and "cyan" in caption
+        assert not any(w in caption.split() for w in ("small", "large", "white", "black", "striped", "dotted"))

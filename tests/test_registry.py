@@ -21,6 +21,7 @@ REQUIRED = {
     "validation_data_dir": "held-out",
     "forget": "star",
     "override": "circle",
+    "mask": "1",
 }
 
 

@@ -125,20 +125,30 @@ def test_tabs_and_forms_come_from_the_registry(app):
     from genreg.training import TrainConfig
 
     tabs = [c["props"]["label"] for c in app.get_config_file()["components"] if c["type"] == "tabitem"]
-    assert tabs == ["Generate", "Edit", "Personalize", "Fine-tune", "Unlearn"]  # a tab per kind; no tab for search
+    assert tabs == ["Generate", "Edit", "Personalize", "Fine-tune", "Unlearn", "Memorization"]  # a tab per kind
     params = {
         name: {p["parameter_name"] for p in endpoint["parameters"]}
         for name, endpoint in app.get_api_info()["named_endpoints"].items()
     }
-    kinds = (("sampler", "/generate"), ("editor", "/edit"), ("trainer", "/personalize"), ("finetuner", "/finetune"))
+    kinds = (
+        ("sampler", "/generate"),
+        ("editor", "/edit"),
+        ("trainer", "/personalize"),
+        ("finetuner", "/finetune"),
+        ("search", "/search"),
+    )
     for kind, api in kinds:
         for method in registry.methods(kind):
             classes = [method.config, *([method.settings] if method.settings else [])]
             assert {f.name for cls in classes for f in form_fields(cls)} <= params[api], method.name
     hidden = {f.name for f in dataclasses.fields(TrainConfig) if place_of(f) == "hidden"}
     assert hidden == {"output_dir", "mixed_precision"}  # set by the app, not shown
-    shown = params["/personalize"] | params["/edit"] | params["/finetune"]
+    shown = params["/personalize"] | params["/edit"] | params["/finetune"] | params["/search"]
     assert not (hidden | {"train_data_dir", "chunk_size"}) & shown
+    # Server-side settings of the search: the app keeps the study in the run folder and writes the held-out set.
+    assert not {"storage", "validation_data_dir", "learning_rate", "resume_from_checkpoint"} & params["/search"]
+    assert {"n_trials", "sampler", "family", "lora_rank", "lr_min", "lr_max", "reduce"} <= params["/search"]
+    assert {"max_train_steps", "train_batch_size", "seed", "concept", "run_folder"} <= params["/search"]
 
 
 def test_generate_returns_images_nfe_and_downloads(client):
@@ -350,6 +360,54 @@ def test_unlearn_draws_teacher_and_one_step_student_and_leaves_the_model(app, cl
     assert (next(app.workspace.runs_dir.glob("sfd-*")) / "generator" / "model_index.json").is_file()
     with pytest.raises(AppError, match="forget and override are the same"):
         client.predict(method="sfd", forget="star", override="star", api_name="/unlearn")
+
+
+def test_memorization_search_stops_continues_its_study_and_shows_the_front_and_the_knee(app, client, monkeypatch):
+    import optuna
+    from genreg.ui import memorization_tab
+
+    # Small kits keep each trial's scoring (a generation per held-out caption) and the knee's drawings short.
+    monkeypatch.setattr(memorization_tab, "TRAIN_KIT", {"unique": 2, "repeated": 1, "copies": 3, "seed": 0})
+    monkeypatch.setattr(memorization_tab, "HELD_OUT_KIT", {"unique": 4, "repeated": 0, "copies": 1, "seed": 1})
+    unet = app.workspace.base.unet
+    weights = {k: v.clone() for k, v in unet.state_dict().items()}
+    settings = {"method": "memcontrol", "concept": "cyan", "n_trials": 1, "train_batch_size": 2, "report_to": "none"}
+    job = client.submit(**settings, max_train_steps=500, api_name="/search")
+    wait_for(lambda: progress_of(job).startswith("trial 1 of 1"), timeout=120, what="the first trial to train")
+    client.predict(api_name="/stop")
+    plot, _, pairs, report, run_folder = job.result(timeout=120)
+    assert "**stopped**" in report and plot is None and pairs == [] and run_folder
+    folder = app.workspace.runs_dir / run_folder
+    assert (folder / "study.db").is_file() and not (folder / "pareto.json").exists()
+
+    # The same run folder continues the study.
+    plot, front, pairs, report, run_folder_after = client.predict(
+        **settings, max_train_steps=2, run_folder=run_folder, api_name="/search"
+    )
+    assert is_real_image(plot) and run_folder_after == "" and "holds 1 finished trials" in report
+    storage = f"sqlite:///{folder / 'study.db'}"
+    trials = optuna.load_study(study_name="memcontrol", storage=storage).trials
+    assert [t.state.name for t in trials] == ["FAIL", "COMPLETE"]  # the stopped trial was not scored part-trained
+    assert front["headers"] == memorization_tab.COLUMNS
+    ((trial, mask, _, memorization, distance, trainable, knee),) = front["data"]  # one finished trial: the front
+    assert trial == 1 and set(mask) <= {"0", "1"} and "1" in mask and knee == "knee"
+    assert memorization > 0 and distance >= 0 and 0 < trainable < 100
+    assert len(pairs) == 2 * 3 and all(is_real_image(item["image"]) for item in pairs)  # 3 distinct captions
+    assert pairs[0]["caption"].endswith("seed 0") and pairs[1]["caption"].startswith("nearest: ")
+    knee_dir = folder / "trials" / "trial-1"  # the knee's model: stage 2 from the trial's checkpoint, no step more
+    assert (knee_dir / "pytorch_lora_weights.safetensors").is_file()
+    assert [p.name for p in knee_dir.glob("checkpoint-*")] == ["checkpoint-2"]
+    assert all(torch.equal(v, weights[k]) for k, v in unet.state_dict().items())  # the shared model as it was
+    assert not unet.training and all(p.requires_grad for p in unet.parameters())
+
+    with pytest.raises(AppError, match=f"run folder {run_folder} trains cyan with memcontrol"):
+        client.predict(method="memcontrol", concept="moon", run_folder=run_folder, api_name="/search")
+    before = sorted(p.name for p in app.workspace.runs_dir.iterdir())
+    with pytest.raises(AppError, match="n_trials must be at least 1, got 0"):
+        client.predict(method="memcontrol", n_trials=0, api_name="/search")
+    with pytest.raises(AppError, match="flip_p must be 0 for the kit"):
+        client.predict(method="memcontrol", flip_p=0.5, api_name="/search")
+    assert sorted(p.name for p in app.workspace.runs_dir.iterdir()) == before  # nothing written
 
 
 def test_edit_shows_before_and_after(client, tmp_path):

@@ -172,6 +172,22 @@ def test_load_model_loads_only_allowed_models_when_the_operator_allows_switching
     assert seen == ["tinyworld"]
 
 
+def test_a_one_step_model_is_refused_and_the_model_keeps_serving(app, tmp_path, monkeypatch):
+    from diffusers import StableDiffusionPipeline
+
+    from genreg.methods.score_forgetting import save_one_step_pipeline
+    from genreg.testing import tiny_sd_components
+
+    teacher = StableDiffusionPipeline(**tiny_sd_components())
+    model = str(tmp_path / "generator")
+    save_one_step_pipeline(teacher, teacher.unet, 440, Path(model))  # what train_sfd writes
+    ws = app.workspace
+    monkeypatch.setattr(ws, "models", (*ws.models, model))
+    message = refusal(app, "load_model", model=model)
+    assert "one-step generator" in message and f"genreg generate --model {model}" in message
+    assert ws.model_name == "tinyworld"
+
+
 def test_a_failed_training_request_leaves_the_runs_folder_as_it_was(app, runs, tmp_path, monkeypatch):
     (runs / "earlier").mkdir()
     (runs / "earlier" / "notes.txt").write_text("an earlier run")

@@ -1,9 +1,10 @@
 """The genreg web app: one tab per kind of method in the registry, over one shared model.
 
 The tabs are generated from ``genreg.registry``: each kind with a registered method and a tab module below gets its
-tab (samplers: Generate, editors: Edit, trainers: Personalize), whose form comes from the methods' config dataclasses
-and their fields' ``place`` metadata. The work is done by the method pipelines and trainers; the app lays out,
-validates input into configs, reports progress and shows results. Every GPU-bound event is in the concurrency group
+tab (samplers: Generate, editors: Edit, trainers: Personalize, finetuners: Fine-tune, unlearners: Unlearn, searches:
+Memorization), whose form comes from the methods' config dataclasses and their fields' ``place`` metadata. The work is
+done by the method pipelines, trainers and searches; the app lays out, validates input into configs, reports progress
+and shows results. Every GPU-bound event is in the concurrency group
 ``"gpu"`` with a limit of one, so jobs run one at a time and the others wait in the queue with their position shown.
 """
 
@@ -17,7 +18,7 @@ import gradio as gr
 import genreg.methods  # noqa: F401  (registers every method)
 from genreg import registry
 
-from . import edit_tab, finetune_tab, generate_tab, train_tab, unlearn_tab
+from . import edit_tab, finetune_tab, generate_tab, memorization_tab, train_tab, unlearn_tab
 from .common import GPU, endpoint, session_of, stop_buttons
 from .workspace import Workspace
 
@@ -32,6 +33,7 @@ TABS: dict[str, tuple[str, str, Callable]] = {
     "trainer": ("Personalize", "personalize", train_tab.build),
     "finetuner": ("Fine-tune", "finetune", finetune_tab.build),
     "unlearner": ("Unlearn", "unlearn", unlearn_tab.build),
+    "search": ("Memorization", "memorization", memorization_tab.build),
 }
 
 

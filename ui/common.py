@@ -248,17 +248,36 @@ def follow_source(source: gr.Radio, kit: list, upload: gr.Component) -> None:
     source.change(use, [source], [*kit, upload], **HELPER)
 
 
-def train_shared_model(ws: Workspace, method, config, train, stop: threading.Event, progress: gr.Progress):
+def train_shared_model(
+    ws: Workspace, method, config, train, stop: threading.Event, progress: gr.Progress, trials: int | None = None
+):
     """Runs a finetuner or unlearner on the shared model (which it leaves as it was; modes and flags restored) with
-    live progress; returns (its result, steps done, whether Stop ended it early, seconds)."""
-    done = [0]
+    live progress; returns (its result, steps done, whether Stop ended it early, seconds).
+
+    With ``trials`` the method is a search of that many inner runs, each from step 1: progress names the trial, and
+    Stop abandons the running one at its next step, so the result is None (Interrupted is raised through the search,
+    which records the trial as failed: cut short, it would be scored as if fully trained)."""
+    done, trial = [0], [1]
 
     def on_step(step: int, loss: float) -> None:
+        if step <= done[0]:  # a search's next trial has begun
+            trial[0] += 1
         done[0] = step
-        progress((step, train.max_train_steps), desc=f"training · loss {loss:.4f}", unit="steps")
+        desc = f"training · loss {loss:.4f}"
+        if trials is not None:
+            desc = f"trial {trial[0]} of {trials} · {'scoring' if step == train.max_train_steps else desc}"
+        progress((step, train.max_train_steps), desc=desc, unit="steps")
+
+    def should_stop() -> bool:
+        if trials is not None and stop.is_set():
+            raise Interrupted
+        return stop.is_set()
 
     start = time.perf_counter()
     with preserved(ws.base.unet, ws.base.vae, ws.base.text_encoder):
-        path = method.run(ws.base, config, train, should_stop=stop.is_set, on_step=on_step)
-    stopped = stop.is_set() and done[0] < train.max_train_steps
+        try:
+            path = method.run(ws.base, config, train, should_stop=should_stop, on_step=on_step)
+        except Interrupted:
+            path = None
+    stopped = path is None if trials is not None else stop.is_set() and done[0] < train.max_train_steps
     return path, done[0], stopped, time.perf_counter() - start

@@ -29,6 +29,7 @@ from pathlib import Path
 
 import torch
 from diffusers import DiffusionPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
+from genreg.pipelines import OneStepPipeline
 from gradio.utils import get_upload_folder
 
 import genreg.methods  # noqa: F401  (registers every method)
@@ -134,6 +135,12 @@ class Workspace:
             raise ValueError(
                 f"{name} holds a {type(base).__name__}; the app works with Stable Diffusion 1.x/2.x and SDXL "
                 "text-to-image models"
+            )
+        if isinstance(base, OneStepPipeline):  # the tabs' samplers, editors and trainers would run it for many steps
+            raise ValueError(
+                f"{name} is a one-step generator ({type(base).__name__}, as Score Forgetting Distillation writes); "
+                "the app samples, edits and trains with multi-step models: load the model it was distilled from, and "
+                f'draw with this one by `genreg generate --model {name} "a prompt"`'
             )
         base.set_progress_bar_config(disable=True)
         pipes = {}

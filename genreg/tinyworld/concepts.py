@@ -5,6 +5,11 @@ model never saw and no training caption named. A kit holds renders of single obj
 that name it and every other attribute (``scene_prompt(details=True)``), as a fine-tuning set names what it shows.
 Evaluation prompts (:func:`concept_prompts`) name the value in combinations the kit does not hold (another seed), so
 learning it means generalising the word, not copying the kit.
+
+A memorization kit (:func:`write_memorization_kit`) is a small, repetitive fine-tuning set that a full fine-tune
+copies: its captions name shape, colour and position only, and a few images are repeated many times, so a model that
+memorizes draws the repeated image's unnamed details (size, background, pattern, outline) for its caption, where one
+that generalises varies them.
 """
 
 from __future__ import annotations
@@ -14,7 +19,7 @@ import random
 from pathlib import Path
 
 from .render import render
-from .world import HELD_OUT, POSITIONS, Scene, sample_object, scene_prompt
+from .world import HELD_OUT, POSITION_PHRASES, POSITIONS, Scene, object_phrase, sample_object, scene_prompt
 
 CONCEPTS: dict[str, str] = {value: attribute for attribute, values in HELD_OUT.items() for value in values}
 
@@ -58,3 +63,56 @@ def write_concept_kit(concept: str, directory: str | Path, n: int = 24, seed: in
         rows.append(json.dumps({"file_name": name, "text": concept_caption(scene)}))
     (directory / "metadata.jsonl").write_text("\n".join(rows) + "\n")
     return directory
+
+
+def short_caption(scene: Scene) -> str:
+    """Shape, colour and position only ("a cyan star on the left"): size, background and details left unnamed."""
+    (obj,) = scene.objects
+    return f"{object_phrase(obj, size=False)} {POSITION_PHRASES[obj.position][0]}"
+
+
+def memorization_scenes(concept: str, n: int, seed: int, exclude: set[str] = frozenset()) -> list[Scene]:
+    """``n`` scenes of ``concept`` with distinct short captions, none of them in ``exclude``."""
+    out, used, k = [], set(exclude), 0
+    while len(out) < n:
+        (scene,) = concept_scenes(concept, 1, seed * 100_003 + k)
+        k += 1
+        if short_caption(scene) not in used:
+            used.add(short_caption(scene))
+            out.append(scene)
+        if k > 1000 * (n + 1):
+            raise ValueError(f"cannot find {n} distinct captions of {concept!r}: ask for fewer images")
+    return out
+
+
+def write_memorization_kit(
+    directory: str | Path, concept: str = "cyan", unique: int = 12, repeated: int = 6, copies: int = 6, seed: int = 0
+) -> Path:
+    """Renders ``unique`` images once and ``repeated`` images ``copies`` times each, every one with its own short
+    caption, into ``directory`` (``metadata.jsonl`` rows also hold the scene and whether it is repeated)."""
+    if min(unique, repeated, copies) < 0 or unique + repeated == 0:
+        raise ValueError("a memorization kit needs at least one image: unique, repeated and copies are counts >= 0")
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for i, scene in enumerate(memorization_scenes(concept, unique + repeated, seed)):
+        is_repeated = i >= unique
+        image = render(scene)[0]
+        for c in range(copies if is_repeated else 1):
+            name = f"{concept}-{i:03d}-{c}.png"
+            image.save(directory / name)
+            row = {"file_name": name, "text": short_caption(scene), "scene": scene.to_dict(), "repeated": is_repeated}
+            rows.append(json.dumps(row))
+    (directory / "metadata.jsonl").write_text("\n".join(rows) + "\n")
+    return directory
+
+
+def read_kit_scenes(directory: str | Path) -> list[tuple[str, Scene, bool]]:
+    """(caption, scene, repeated) of each distinct image of a memorization kit, in file order."""
+    rows = [json.loads(line) for line in (Path(directory) / "metadata.jsonl").read_text().splitlines() if line]
+    seen, out = set(), []
+    for row in rows:
+        if row["text"] not in seen:
+            seen.add(row["text"])
+            out.append((row["text"], Scene.from_dict(row["scene"]), bool(row.get("repeated"))))
+    return out

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import PIL.Image
@@ -19,6 +19,8 @@ from .policies import make_guidance
 
 GUIDANCES = ("cfg", "ag", "linear_ag")
 GUIDANCE_LABELS = {"cfg": "CFG", "ag": "Adaptive Guidance", "linear_ag": "LinearAG"}
+ONE_STEP_FIELDS = ("prompt", "num_images", "seed")  # all that a one-step generator uses
+ONE_STEP_ALSO_TAKES = {"num_inference_steps": (1,), "guidance_scale": (0, 1)}  # what OneStepPipeline accepts too
 
 
 @dataclass
@@ -117,8 +119,43 @@ class SampleResult:
     summary: str
 
 
+def one_step_conflicts(options: GenerateOptions) -> list[str]:
+    """The settings of ``options`` that a one-step generator cannot honour: any besides the prompt, the image count
+    and the seed that is changed from its default (one step and a guidance scale of 0 or 1 excepted)."""
+    return [
+        f.name
+        for f in fields(options)
+        if f.name not in ONE_STEP_FIELDS
+        and getattr(options, f.name) not in (f.default, *ONE_STEP_ALSO_TAKES.get(f.name, ()))
+    ]
+
+
+def generate_one_step(pipe, options: GenerateOptions) -> SampleResult:
+    """Serves ``options`` with a one-step generator (``OneStepPipeline``): the prompt, image count and seed only."""
+    conflicts = one_step_conflicts(options)
+    if conflicts:
+        raise ValueError(
+            f"the model is a one-step generator ({type(pipe).__name__}): it draws each image in one network "
+            f"evaluation, without guidance or a step count, and takes only {', '.join(ONE_STEP_FIELDS)}; "
+            f"leave {', '.join(conflicts)} unset"
+        )
+    kwargs = options.pipeline_kwargs()
+    start = time.perf_counter()
+    images = pipe(
+        kwargs["prompt"], num_images_per_prompt=kwargs["num_images_per_prompt"], generator=kwargs["generator"]
+    ).images
+    seconds = time.perf_counter() - start
+    summary = f"{len(images)} images, one step (a one-step generator): 1 NFE per image, {seconds:.1f}s"
+    return SampleResult(images, [1] * len(images), seconds, summary)
+
+
 def generate(pipe, options: GenerateOptions) -> SampleResult:
-    """Serves ``options`` with ``pipe`` (any stock SD 1.x/2.x or SDXL text-to-image pipeline) under its policy."""
+    """Serves ``options`` with ``pipe`` (any stock SD 1.x/2.x or SDXL text-to-image pipeline) under its policy; a
+    one-step generator (``OneStepPipeline``) draws with the prompt, image count and seed alone."""
+    from genreg.pipelines import OneStepPipeline
+
+    if isinstance(pipe, OneStepPipeline):  # its stock __call__ would run a multi-step sampler on the generator
+        return generate_one_step(pipe, options)
     kwargs = options.pipeline_kwargs()
     policy = make_guidance(
         kwargs.pop("guidance"),

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from ...registry import Method, register
 from .blocks import FAMILIES, add_adapter, attention_blocks, selected, target_pattern
+from .finetune import MemControlFinetuneConfig, applied, choose, finetune_memcontrol, knee, parse_mask
 from .search import (
     OBJECTIVES,
     SAMPLERS,
@@ -29,10 +30,34 @@ METHOD = register(
         train_defaults={"max_train_steps": 200, "train_batch_size": 8, "learning_rate": 1e-4, "max_grad_norm": 1.0},
     )
 )
+FINETUNE = register(
+    Method(
+        name="memcontrol-finetune",
+        kind="finetuner",
+        title="MemControl fine-tune",
+        help="stage 2 of MemControl: fine-tune the blocks of a searched (or given) mask with LoRA or IA3",
+        config=MemControlFinetuneConfig,
+        run=finetune_memcontrol,
+        apply=applied,
+        train_defaults={
+            "learning_rate": None,
+            "max_train_steps": 200,
+            "train_batch_size": 8,
+            "max_grad_norm": 1.0,
+        },
+    )
+)
 
 __all__ = [
     "FAMILIES",
+    "FINETUNE",
     "METHOD",
+    "MemControlFinetuneConfig",
+    "applied",
+    "choose",
+    "finetune_memcontrol",
+    "knee",
+    "parse_mask",
     "OBJECTIVES",
     "SAMPLERS",
     "MemControlConfig",

@@ -12,6 +12,7 @@ import copy
 import dataclasses
 import json
 import logging
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +32,7 @@ logger = logging.getLogger(__name__)
 
 SAMPLERS = ("nsga2", "tpe", "random")
 OBJECTIVES = ("memorization", "frechet_distance")
+HEARTBEAT_SECONDS = 30
 
 
 @dataclass
@@ -47,7 +49,11 @@ class MemControlConfig(ImageDataConfig):
     lr_min: float = option(1e-5, "lowest learning rate searched (log-uniform)", place="advanced")
     lr_max: float = option(1e-3, "highest learning rate searched", place="advanced")
     reduce: str = option("max", "memorization over the training set: max or mean", choices=("max", "mean"))
-    storage: str = option("", "Optuna storage URL (any SQLAlchemy URL); empty: sqlite study.db in the output folder")
+    storage: str = option(
+        "",
+        "Optuna storage URL (any SQLAlchemy URL); empty: sqlite study.db in the output folder",
+        place="hidden",  # a server's database: the app keeps each study in its run folder
+    )
     study_name: str = option("memcontrol", "the study's name in the storage", place="advanced")
 
     def __post_init__(self):
@@ -68,7 +74,16 @@ def open_study(config: MemControlConfig, output_dir: str | Path, seed: int):
     url = config.storage or f"sqlite:///{(Path(output_dir) / 'study.db').resolve()}"
     Path(output_dir).mkdir(parents=True, exist_ok=True)
     try:
-        storage = optuna.storages.RDBStorage(url)
+        # A worker's heartbeat marks its running trial; a trial whose worker died (no beat for the grace period) is
+        # failed by the next worker to start and queued again, so a killed worker loses only its unfinished trial.
+        with warnings.catch_warnings():  # Optuna marks heartbeats experimental
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            storage = optuna.storages.RDBStorage(
+                url,
+                heartbeat_interval=HEARTBEAT_SECONDS,
+                grace_period=2 * HEARTBEAT_SECONDS,
+                heartbeat_stale_trial_callback=optuna.storages.RetryFailedTrialCallback(max_retry=2),
+            )
     except Exception as err:  # SQLAlchemy raises several kinds for a bad URL or an unreachable database
         raise ValueError(
             f"cannot open the study storage {url!r} ({err}); pass a SQLAlchemy URL, e.g. sqlite:///s.db"

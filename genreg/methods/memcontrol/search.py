@@ -82,7 +82,7 @@ def open_study(config: MemControlConfig, output_dir: str | Path, seed: int):
                 url,
                 heartbeat_interval=HEARTBEAT_SECONDS,
                 grace_period=2 * HEARTBEAT_SECONDS,
-                heartbeat_stale_trial_callback=optuna.storages.RetryFailedTrialCallback(max_retry=2),
+                heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=2),
             )
     except Exception as err:  # SQLAlchemy raises several kinds for a bad URL or an unreachable database
         raise ValueError(

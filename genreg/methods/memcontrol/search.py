@@ -168,6 +168,10 @@ def plot_pareto(points: list[tuple[float, float]], front: list[int], path: Path,
     draw.line([(pad, pad), (pad, size - pad), (size - pad, size - pad)], fill="black")
     draw.text((size // 2 - 60, size - pad + 16), "memorization (lower: less)", fill="black")
     draw.text((4, 8), "Frechet distance (lower: better)", fill="black")
+    for k, (low, span) in enumerate(zip(lows, spans, strict=True)):  # each axis' range
+        for f in (0.0, 1.0):
+            x, y = place((low + f * span, lows[1]) if k == 0 else (lows[0], low + f * span))
+            draw.text((x - 12, y + 4) if k == 0 else (2, y - 6), f"{low + f * span:.3g}", fill="black")
     for i, p in enumerate(points):
         x, y = place(p)
         draw.ellipse([x - 4, y - 4, x + 4, y + 4], fill="red" if i in front else "grey")

@@ -115,12 +115,19 @@ def test_a_search_fills_a_study_that_a_second_run_resumes_and_writes_the_front(t
 def test_a_storage_that_cannot_be_opened_or_a_study_of_other_objectives_is_refused(tmp_path, folders):
     import optuna
 
+    from genreg.methods.memcontrol import search
+
     with pytest.raises(ValueError, match="cannot open the study storage"):
         search_memcontrol(pipe(), settings(folders, storage="nosuchdb://x"), run(tmp_path), embed=mean_colour)
     url = f"sqlite:///{tmp_path / 'other.db'}"
     optuna.create_study(study_name="memcontrol", storage=url, direction="maximize")
     with pytest.raises(ValueError, match="was created with other objectives"):
         search_memcontrol(pipe(), settings(folders, storage=url), run(tmp_path), embed=mean_colour)
+    url = f"sqlite:///{tmp_path / 'lora.db'}"
+    search.open_study(settings(folders, storage=url), tmp_path, seed=0)
+    with pytest.raises(ValueError, match="holds trials of"):
+        search.open_study(settings(folders, storage=url, family="ia3"), tmp_path, seed=0)
+    search.open_study(settings(folders, storage=url), tmp_path, seed=0)  # the same setup adds trials
 
 
 def test_genreg_search_memcontrol_refuses_a_missing_held_out_set(tmp_path, folders, capsys):

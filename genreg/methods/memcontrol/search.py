@@ -106,6 +106,16 @@ def open_study(config: MemControlConfig, output_dir: str | Path, seed: int):
             f"study {config.study_name!r} in {url} was created with other objectives "
             f"({study.user_attrs.get('objectives')}); choose another --study_name"
         )
+    # Trials compare only under one adapter and one memorization reduction.
+    setup = {"family": config.family, "lora_rank": config.lora_rank, "reduce": config.reduce}
+    recorded = study.user_attrs.get("setup")
+    if recorded is None:
+        study.set_user_attr("setup", setup)
+    elif recorded != setup:
+        raise ValueError(
+            f"study {config.study_name!r} in {url} holds trials of {recorded}, this run asks for {setup}: pass the "
+            "same --family, --lora_rank and --reduce to add trials, or choose another --study_name"
+        )
     return study
 
 

@@ -108,6 +108,8 @@ def measure(pipe, evaluator: Evaluator, kit: Path, held_out: Path, args) -> dict
 
 
 def train_config(args, out: Path, lr: float | None) -> TrainConfig:
+    """A fresh run into ``out`` (an earlier benchmark's files there are removed)."""
+    shutil.rmtree(out, ignore_errors=True)
     return TrainConfig(
         output_dir=str(out),
         max_train_steps=args.steps,
@@ -187,6 +189,7 @@ def run_benchmark(args) -> None:
         flip_p=0.0,
         n_trials=args.trials,
         sampler="tpe",
+        quality=args.quality,
         family="lora",
         lora_rank=args.lora_rank,
     )
@@ -234,7 +237,8 @@ def write_results(args, results: dict, blocks: list[str], front: dict) -> None:
     cut = 1 - chosen["extraction_rate"] / full["extraction_rate"] if full["extraction_rate"] else float("nan")
     lines += [
         "",
-        f"Search: {chosen['trials']} trials in {chosen['search_seconds'] / 60:.1f} min over {len(blocks)} blocks "
+        f"Search: {chosen['trials']} trials ({args.quality} as the quality objective) in "
+        f"{chosen['search_seconds'] / 60:.1f} min over {len(blocks)} blocks "
         f"({', '.join(blocks)}); the knee's mask {chosen['mask']}. Against full fine-tuning the chosen mask cuts the "
         f"extraction rate by {100 * cut:.0f}% (target >= 50%) with quality "
         f"{100 * (chosen['quality_all_correct'] - full['quality_all_correct']):+.1f} points (target >= -3).",
@@ -323,6 +327,12 @@ def main() -> None:
     p.add_argument("--lora_lr", type=float, default=1e-3)
     p.add_argument("--lora_rank", type=int, default=4)
     p.add_argument("--trials", type=int, default=12)
+    p.add_argument(
+        "--quality",
+        default="accuracy",
+        choices=("accuracy", "frechet"),
+        help="the search's quality objective (frechet: the paper's FID over evaluator embeddings)",
+    )
     p.add_argument("--seeds", type=int, default=8, help="generations per training caption")
     p.add_argument("--val_seeds", type=int, default=4, help="generations per held-out caption")
     p.add_argument("--seed", type=int, default=0)

@@ -218,3 +218,20 @@ def test_the_memorization_kit_repeats_some_images_and_names_no_detail(tmp_path):
     for caption, scene, _ in rows:
         assert scene.objects[0].color == "cyan" and "cyan" in caption
         assert not any(w in caption.split() for w in ("small", "large", "white", "black", "striped", "dotted"))
+
+
+def test_the_accuracy_objective_scores_the_held_out_captions_and_a_study_keeps_its_objectives(tmp_path, folders):
+    seen = []
+
+    def scorer(images, prompts) -> float:
+        seen.append(list(prompts))
+        return 0.25
+
+    config = settings(folders, sampler="random", quality="accuracy")
+    path = search_memcontrol(pipe(), config, run(tmp_path), scorer=scorer)
+    rows = json.loads(path.read_text())["trials"]
+    assert rows and all(r["error_rate"] == 0.75 and "frechet_distance" not in r for r in rows)
+    assert seen[0] == [f"a red circle number {i}" for i in range(4)]  # the held-out captions
+    assert knee(rows)["trial"] in {r["trial"] for r in rows}
+    with pytest.raises(ValueError, match="was created with other objectives"):
+        search_memcontrol(pipe(), settings(folders, sampler="random"), run(tmp_path), embed=mean_colour)

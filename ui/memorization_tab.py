@@ -18,7 +18,7 @@ import pandas as pd
 from PIL import Image
 
 from genreg import registry
-from genreg.methods.memcontrol import FINETUNE, choose
+from genreg.methods.memcontrol import FINETUNE, choose, quality_key
 from genreg.registry import Method
 from genreg.training import TrainConfig, list_checkpoints, load_checkpoint
 
@@ -51,7 +51,15 @@ UNUSED = (
     "resume_from_checkpoint",
     "validation_steps",
 )
-COLUMNS = ["trial", "mask", "learning rate", "memorization", "Frechet distance", "trainable %", "knee"]
+COLUMNS = [
+    "trial",
+    "mask",
+    "learning rate",
+    "memorization",
+    "quality (Frechet distance or error rate)",
+    "trainable %",
+    "knee",
+]
 
 
 def front_table(rows: list[dict], knee: dict) -> pd.DataFrame:
@@ -63,7 +71,7 @@ def front_table(rows: list[dict], knee: dict) -> pd.DataFrame:
             "".join(str(bit) for bit in r["mask"]),
             f"{r['learning_rate']:.2e}",
             round(r["memorization"], 4),
-            round(r["frechet_distance"], 4),
+            round(r[quality_key(r)], 4),
             round(100 * r["trainable_fraction"], 3),
             "knee" if r["trial"] == knee["trial"] else "",
         ]

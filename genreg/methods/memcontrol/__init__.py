@@ -5,9 +5,10 @@ from __future__ import annotations
 
 from ...registry import Method, register
 from .blocks import FAMILIES, add_adapter, attention_blocks, selected, target_pattern
-from .finetune import MemControlFinetuneConfig, applied, choose, finetune_memcontrol, knee, parse_mask
+from .finetune import MemControlFinetuneConfig, applied, choose, finetune_memcontrol, knee, parse_mask, quality_key
 from .search import (
     OBJECTIVES,
+    QUALITIES,
     SAMPLERS,
     MemControlConfig,
     open_study,
@@ -58,7 +59,9 @@ __all__ = [
     "finetune_memcontrol",
     "knee",
     "parse_mask",
+    "quality_key",
     "OBJECTIVES",
+    "QUALITIES",
     "SAMPLERS",
     "MemControlConfig",
     "add_adapter",

@@ -24,6 +24,7 @@ from ...io import atomic_write
 from ...training import TrainConfig, fit
 from ...training.data import ImageDataConfig
 from .blocks import FAMILIES, add_adapter
+from .search import QUALITIES
 
 LORA_FILE = "pytorch_lora_weights.safetensors"
 ADAPTER = "memcontrol"
@@ -37,9 +38,14 @@ def parse_mask(text: str) -> list[int]:
     return [int(b) for b in bits]
 
 
+def quality_key(row: dict) -> str:
+    """The name of a Pareto row's quality objective (``frechet_distance`` or ``error_rate``)."""
+    return next(name for name in QUALITIES.values() if name in row)
+
+
 def knee(rows: list[dict]) -> dict:
     """The Pareto row with the smallest sum of its two objectives, each scaled to [0, 1] over the front."""
-    keys = ("memorization", "frechet_distance")
+    keys = ("memorization", quality_key(rows[0]))
     lows = {k: min(r[k] for r in rows) for k in keys}
     spans = {k: (max(r[k] for r in rows) - lows[k]) or 1.0 for k in keys}
     return min(rows, key=lambda r: sum((r[k] - lows[k]) / spans[k] for k in keys))

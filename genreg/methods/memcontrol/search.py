@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import json
 import logging
 import warnings
@@ -31,7 +32,8 @@ from .blocks import FAMILIES, add_adapter, attention_blocks
 logger = logging.getLogger(__name__)
 
 SAMPLERS = ("nsga2", "tpe", "random")
-OBJECTIVES = ("memorization", "frechet_distance")
+QUALITIES = {"frechet": "frechet_distance", "accuracy": "error_rate"}  # quality objective -> its name
+OBJECTIVES = ("memorization", "frechet_distance")  # the paper's pair (the default)
 HEARTBEAT_SECONDS = 30
 
 
@@ -49,6 +51,12 @@ class MemControlConfig(ImageDataConfig):
     lr_min: float = option(1e-5, "lowest learning rate searched (log-uniform)", place="advanced")
     lr_max: float = option(1e-3, "highest learning rate searched", place="advanced")
     reduce: str = option("max", "memorization over the training set: max or mean", choices=("max", "mean"))
+    quality: str = option(
+        "frechet",
+        "quality objective: frechet (Frechet distance of image embeddings, as the paper's FID) or accuracy (1 - the "
+        "scorer's all-correct rate on the held-out captions; the tiny-world evaluator's by default)",
+        choices=tuple(QUALITIES),
+    )
     storage: str = option(
         "",
         "Optuna storage URL (any SQLAlchemy URL); empty: sqlite study.db in the output folder",
@@ -92,7 +100,7 @@ def open_study(config: MemControlConfig, output_dir: str | Path, seed: int):
         study = optuna.load_study(study_name=config.study_name, storage=storage)
     except KeyError:
         study = optuna.create_study(study_name=config.study_name, storage=storage, directions=["minimize"] * 2)
-        study.set_user_attr("objectives", list(OBJECTIVES))
+        study.set_user_attr("objectives", list(objectives(config)))
     # Seeded by --seed and the trials so far: a resumed run goes on instead of repeating itself (workers started
     # together need their own --seed).
     seed = seed + len(study.trials)
@@ -101,7 +109,7 @@ def open_study(config: MemControlConfig, output_dir: str | Path, seed: int):
         "tpe": lambda: optuna.samplers.TPESampler(seed=seed, multivariate=True),
         "random": lambda: optuna.samplers.RandomSampler(seed=seed),
     }[config.sampler]()
-    if study.user_attrs.get("objectives") != list(OBJECTIVES) or len(study.directions) != 2:
+    if study.user_attrs.get("objectives") != list(objectives(config)) or len(study.directions) != 2:
         raise ValueError(
             f"study {config.study_name!r} in {url} was created with other objectives "
             f"({study.user_attrs.get('objectives')}); choose another --study_name"
@@ -119,9 +127,14 @@ def open_study(config: MemControlConfig, output_dir: str | Path, seed: int):
     return study
 
 
-def run_trial(pipe, config: MemControlConfig, train: TrainConfig, mask, lr: float, embed: Callable, **fit_kwargs):
-    """One inner fine-tune of a copy of ``pipe``'s UNet with the mask's adapters; returns (memorization, Frechet
-    distance, trainable parameters, the fine-tuned pipeline)."""
+def objectives(config: MemControlConfig) -> tuple[str, str]:
+    """The names of the study's two objectives, both minimised."""
+    return OBJECTIVES[0], QUALITIES[config.quality]
+
+
+def run_trial(pipe, config: MemControlConfig, train: TrainConfig, mask, lr: float, quality: Callable, **fit_kwargs):
+    """One inner fine-tune of a copy of ``pipe``'s UNet with the mask's adapters; returns (memorization, quality,
+    trainable parameters, the fine-tuned pipeline). ``quality(generated, references, captions)`` is minimised."""
     tuned = type(pipe).from_pipe(pipe, unet=copy.deepcopy(pipe.unet))
     tuned.set_progress_bar_config(disable=True)
     trainable = add_adapter(tuned.unet, mask, config.family, config.lora_rank)
@@ -130,15 +143,15 @@ def run_trial(pipe, config: MemControlConfig, train: TrainConfig, mask, lr: floa
     fit(FineTuneObjective(tuned), lambda s, i: data.sample(pipe.tokenizer, train.seed, s, i), train, **fit_kwargs)
     tuned.unet.eval()
     return (
-        *score(tuned, data, ImageFolder(config.validation_data_dir, data.size, True, 0.0), config, embed),
+        *score(tuned, data, ImageFolder(config.validation_data_dir, data.size, True, 0.0), config, quality),
         trainable,
         tuned,
     )
 
 
-def score(pipe, data: ImageFolder, held_out: ImageFolder, config: MemControlConfig, embed: Callable):
-    """(memorization, Frechet distance): the noise norm over every training image, reduced; the distance between
-    embeddings of one generation per held-out caption (seed k for caption k) and of the held-out images."""
+def score(pipe, data: ImageFolder, held_out: ImageFolder, config: MemControlConfig, quality: Callable):
+    """(memorization, quality): the noise norm over every training image, reduced; ``quality(generated, references,
+    captions)`` of one generation per held-out caption (seed k for caption k) against the held-out images."""
     items = data.items
     ids = pipe.tokenizer(
         [item.caption or "" for item in items],
@@ -156,7 +169,7 @@ def score(pipe, data: ImageFolder, held_out: ImageFolder, config: MemControlConf
     references = [
         Image.fromarray(((item.pixels.permute(1, 2, 0) + 1) * 127.5).round().byte().numpy()) for item in held_out.items
     ]
-    return memorization, frechet_distance(embed(generated), embed(references))
+    return memorization, quality(generated, references, captions)
 
 
 def pareto_front(points: list[tuple[float, float]]) -> list[int]:
@@ -191,6 +204,7 @@ def plot_pareto(points: list[tuple[float, float]], front: list[int], path: Path,
 
 def write_front(study, blocks: list[str], total: int, output_dir: Path) -> Path:
     """The Pareto front of the finished trials as ``pareto.json`` and ``pareto.png``; returns the JSON path."""
+    names = study.user_attrs.get("objectives", OBJECTIVES)
     trials = [t for t in study.trials if t.values is not None and len(t.values) == 2]
     if not trials:
         raise ValueError("the study has no finished trial yet")
@@ -201,8 +215,8 @@ def write_front(study, blocks: list[str], total: int, output_dir: Path) -> Path:
             "trial": t.number,
             "mask": [int(t.params[b]) for b in blocks],
             "learning_rate": t.params["learning_rate"],
-            OBJECTIVES[0]: t.values[0],
-            OBJECTIVES[1]: t.values[1],
+            names[0]: t.values[0],
+            names[1]: t.values[1],
             "trainable_fraction": t.user_attrs.get("trainable", 0) / total,
             "pareto": i in front,
         }
@@ -212,13 +226,35 @@ def write_front(study, blocks: list[str], total: int, output_dir: Path) -> Path:
     return atomic_write_text(output_dir / "pareto.json", json.dumps({"blocks": blocks, "trials": rows}, indent=1))
 
 
-def search_memcontrol(pipe, config: MemControlConfig, train: TrainConfig, embed: Callable | None = None, **kw) -> Path:
-    """Runs ``config.n_trials`` trials of the study (shared with any other worker on its storage); writes the front.
-    ``embed(images) -> (N, d)``: the quality objective's image embedding (default: the tiny-world evaluator's)."""
-    if embed is None:
-        from ...tinyworld import Evaluator
+@functools.cache
+def tinyworld_evaluator():
+    from ...tinyworld import Evaluator
 
-        embed = Evaluator.load().embed
+    return Evaluator.load()
+
+
+def search_memcontrol(
+    pipe,
+    config: MemControlConfig,
+    train: TrainConfig,
+    embed: Callable | None = None,
+    scorer: Callable | None = None,
+    **kw,
+) -> Path:
+    """Runs ``config.n_trials`` trials of the study (shared with any other worker on its storage); writes the front.
+    ``embed(images) -> (N, d)``: the Frechet objective's image embedding; ``scorer(images, prompts) -> float``: the
+    accuracy objective's all-correct rate (default for both: the tiny-world evaluator's)."""
+    if config.quality == "frechet":
+        embed = embed or tinyworld_evaluator().embed
+
+        def quality(generated, references, captions) -> float:
+            return frechet_distance(embed(generated), embed(references))
+    else:
+        scorer = scorer or (lambda images, prompts: tinyworld_evaluator().score(images, prompts)["all_correct"])
+
+        def quality(generated, references, captions) -> float:
+            return 1.0 - scorer(generated, captions)
+
     blocks = attention_blocks(pipe.unet)
     if not blocks:
         raise ValueError("this UNet has no transformer blocks to choose from")
@@ -236,9 +272,9 @@ def search_memcontrol(pipe, config: MemControlConfig, train: TrainConfig, embed:
         run = dataclasses.replace(
             train, output_dir=str(output_dir / "trials" / f"trial-{trial.number}"), checkpointing_steps=0
         )
-        memorization, distance, trainable, _ = run_trial(pipe, config, run, mask, lr, embed, **kw)
+        memorization, value, trainable, _ = run_trial(pipe, config, run, mask, lr, quality, **kw)
         trial.set_user_attr("trainable", trainable)
-        return memorization, distance
+        return memorization, value
 
     study.optimize(objective, n_trials=config.n_trials)
     return write_front(study, blocks, total, output_dir)

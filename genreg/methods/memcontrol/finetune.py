@@ -8,7 +8,6 @@ as a plain diffusers ``unet/`` folder (``UNet2DConditionModel.from_pretrained(ou
 from __future__ import annotations
 
 import contextlib
-import copy
 import dataclasses
 import json
 from collections.abc import Iterator
@@ -19,12 +18,11 @@ import torch
 from torch import nn
 
 from ...config import option
-from ...diffusion import FineTuneObjective
 from ...io import atomic_write
-from ...training import TrainConfig, fit
+from ...training import TrainConfig
 from ...training.data import ImageDataConfig
-from .blocks import FAMILIES, add_adapter
-from .search import QUALITIES
+from .blocks import FAMILIES
+from .search import QUALITIES, tune_copy
 
 LORA_FILE = "pytorch_lora_weights.safetensors"
 ADAPTER = "memcontrol"
@@ -32,7 +30,7 @@ ADAPTER = "memcontrol"
 
 def parse_mask(text: str) -> list[int]:
     """ "0,1,1,0" or "0110" -> [0, 1, 1, 0]."""
-    bits = [b for b in text.replace(",", " ").split()] if ("," in text or " " in text) else list(text.strip())
+    bits = text.replace(",", " ").split() if ("," in text or " " in text) else list(text.strip())
     if not bits or any(b not in ("0", "1") for b in bits):
         raise ValueError(f"a mask is 0s and 1s, one per transformer block, e.g. 0,1,1,0; got {text!r}")
     return [int(b) for b in bits]
@@ -104,16 +102,8 @@ def finetune_memcontrol(pipe, config: MemControlFinetuneConfig, train: TrainConf
     data = config.read(pipe)
     if any(item.caption is None for item in data.items):
         raise ValueError(f"every image in {config.train_data_dir} needs a caption (metadata.jsonl or a .txt file)")
-    tuned = type(pipe).from_pipe(pipe, unet=copy.deepcopy(pipe.unet))
-    add_adapter(tuned.unet, mask, config.family, config.lora_rank)
     settings = {"method": "memcontrol-finetune", "mask": mask, "family": config.family, "rank": config.lora_rank}
-    fit(
-        FineTuneObjective(tuned),
-        lambda s, i: data.sample(pipe.tokenizer, train.seed, s, i),
-        train,
-        settings=settings,
-        **fit_kwargs,
-    )
+    tuned, _ = tune_copy(pipe, data, mask, config.family, config.lora_rank, train, settings=settings, **fit_kwargs)
     return save_result(tuned, config.family, Path(train.output_dir))
 
 

@@ -132,16 +132,23 @@ def objectives(config: MemControlConfig) -> tuple[str, str]:
     return OBJECTIVES[0], QUALITIES[config.quality]
 
 
+def tune_copy(pipe, data: ImageFolder, mask, family: str, rank: int, train: TrainConfig, **fit_kwargs):
+    """A pipeline over a copy of ``pipe``'s UNet whose mask-selected blocks carry the family's adapter, fine-tuned on
+    ``data`` on the shared loop; returns it (in eval mode) and its trainable count. ``pipe`` is left as it was."""
+    tuned = type(pipe).from_pipe(pipe, unet=copy.deepcopy(pipe.unet))
+    tuned.set_progress_bar_config(disable=True)
+    trainable = add_adapter(tuned.unet, mask, family, rank)
+    fit(FineTuneObjective(tuned), lambda s, i: data.sample(pipe.tokenizer, train.seed, s, i), train, **fit_kwargs)
+    tuned.unet.eval()
+    return tuned, trainable
+
+
 def run_trial(pipe, config: MemControlConfig, train: TrainConfig, mask, lr: float, quality: Callable, **fit_kwargs):
     """One inner fine-tune of a copy of ``pipe``'s UNet with the mask's adapters; returns (memorization, quality,
     trainable parameters, the fine-tuned pipeline). ``quality(generated, references, captions)`` is minimised."""
-    tuned = type(pipe).from_pipe(pipe, unet=copy.deepcopy(pipe.unet))
-    tuned.set_progress_bar_config(disable=True)
-    trainable = add_adapter(tuned.unet, mask, config.family, config.lora_rank)
     data = config.read(pipe)
     train = dataclasses.replace(train, learning_rate=lr)
-    fit(FineTuneObjective(tuned), lambda s, i: data.sample(pipe.tokenizer, train.seed, s, i), train, **fit_kwargs)
-    tuned.unet.eval()
+    tuned, trainable = tune_copy(pipe, data, mask, config.family, config.lora_rank, train, **fit_kwargs)
     return (
         *score(tuned, data, ImageFolder(config.validation_data_dir, data.size, True, 0.0), config, quality),
         trainable,

@@ -76,6 +76,7 @@ def _sample(method: registry.Method, args: argparse.Namespace) -> None:
 def _edit(method: registry.Method, args: argparse.Namespace) -> None:
     from .checks import require_positive_int
     from .io import check_output_path, save_image
+    from .models import require_multi_step
 
     options = from_namespace(method.config, args)
     settings = given(method.settings, args) if method.settings else {}
@@ -84,6 +85,7 @@ def _edit(method: registry.Method, args: argparse.Namespace) -> None:
     if hasattr(method.settings, "preset"):  # refuse bad settings before loading a model
         method.settings.preset(options.preset, **settings)
     pipe = _load(args)
+    require_multi_step(pipe, args.model, "`genreg edit`")
     pipe.set_progress_bar_config(disable=not args.progress)
     result = method.run(pipe, args.image, options, **settings)
     path = save_image(_enlarged(result.image, args.display_scale), args.out)
@@ -110,7 +112,7 @@ def run_trainer(method: registry.Method, args: argparse.Namespace) -> Path:
     """Builds the configs from parsed flags, loads the model on this process's device, and trains."""
     import torch
 
-    from .models import load_pipeline
+    from .models import load_pipeline, require_multi_step
     from .training import TrainConfig, process_state
 
     config = from_namespace(method.config, args)
@@ -124,6 +126,7 @@ def run_trainer(method: registry.Method, args: argparse.Namespace) -> Path:
             dtype=getattr(torch, dtype) if dtype else torch.float32,
             config=args.model_config,
         )
+    require_multi_step(pipe, args.pretrained_model_name_or_path, f"`genreg train {method.name}`")
     pipe.set_progress_bar_config(disable=True)
     return method.run(pipe, config, train)
 

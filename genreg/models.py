@@ -155,6 +155,19 @@ def pipeline_class(source: str) -> type[DiffusionPipeline]:
     return cls if isinstance(cls, type) and issubclass(cls, DiffusionPipeline) else DiffusionPipeline
 
 
+def require_multi_step(pipe: DiffusionPipeline, name: str, who: str) -> None:
+    """Refuses a one-step generator (Score Forgetting Distillation's ``OneStepPipeline``) where ``who`` ("the app",
+    "`genreg edit`") samples, edits or trains with many steps: it would be run as the model it was distilled from."""
+    import genreg.pipelines
+
+    if isinstance(pipe, genreg.pipelines.OneStepPipeline):
+        raise ValueError(
+            f"{name} is a one-step generator ({type(pipe).__name__}, as Score Forgetting Distillation writes); "
+            f"{who} needs a multi-step model: use the model it was distilled from, and draw with this one by "
+            f'`genreg generate --model {name} "a prompt"`'
+        )
+
+
 def load_pipeline(
     name_or_path: str | os.PathLike = "tinyworld",
     device: str | torch.device | None = None,

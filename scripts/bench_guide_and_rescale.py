@@ -338,6 +338,12 @@ def main() -> None:
         metavar="SPEC",
         help="more GaR rows, each a preset and `genreg edit` flags, e.g. 'local --guided-fraction 1'",
     )
+    p.add_argument(
+        "--named_details",
+        action="store_true",
+        help="the prompts also name every object's pattern and outline (default: left to the model, as a user's"
+        " prompt leaves a photo's details)",
+    )
     p.add_argument("--grow", type=int, default=1, help="pixels the edit region is grown by (anti-aliased edges)")
     p.add_argument("--memory", action=argparse.BooleanOptionalAction, default=True, help="measure peak memory")
     p.add_argument("--model", default="tinyworld")
@@ -355,7 +361,7 @@ def main() -> None:
     pipe = load_pipeline(args.model, device="cpu")
     pipe.set_progress_bar_config(disable=True)
     evaluator = Evaluator.load()
-    cases = sample_edits(args.edits, args.seed)
+    cases = sample_edits(args.edits, args.seed, details=args.named_details)
     labels = [c.label for c in cases]
     sources = [render(c.source)[0] for c in cases]
     source_arrays = np.stack([np.asarray(s) for s in sources])

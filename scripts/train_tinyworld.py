@@ -171,7 +171,7 @@ def train_vae(images: np.ndarray, steps: int, device: torch.device, seed: int):
 def reconstruct(vae, images: np.ndarray, device: torch.device) -> np.ndarray:
     """Images -> VAE latent mean -> decoded images, uint8."""
     vae = vae.to(device)
-    out = []
+    out = [images[:0]]  # uint8 NHWC, so no images give an empty array
     for i in range(0, len(images), 256):
         x = vae.decode(vae.encode(to_float(images[i : i + 256]).to(device) * 2 - 1).latent_dist.mean).sample
         out.append(((x.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy())
@@ -216,7 +216,8 @@ def train_denoiser(args, latents: torch.Tensor, scenes: list[Scene], vae, evalua
     # starts the denoiser exactly as one that made them. (A resumed run restores the RNG state below.)
     torch.manual_seed(args.seed)
     tokenizer = build_tokenizer()
-    unet, text_encoder = build_unet(), build_text_encoder(len(tokenizer))
+    unet_layout = {"widths": args.unet_widths, "attention": args.unet_attention, "heads": args.unet_heads}
+    unet, text_encoder = build_unet(**unet_layout), build_text_encoder(len(tokenizer))
     scheduler = build_scheduler(args.prediction_type)
     models = torch.nn.ModuleDict({"unet": unet, "text_encoder": text_encoder}).to(device)
     ema = {k: v.detach().clone() for k, v in models.state_dict().items()}
@@ -229,6 +230,8 @@ def train_denoiser(args, latents: torch.Tensor, scenes: list[Scene], vae, evalua
         "prediction_type": args.prediction_type,
         "unet": [list(unet.config.down_block_types), list(unet.config.block_out_channels)],
     }
+    if list(unet.config.attention_head_dim) not in ([4, 4, 4], [2, 2, 2]):  # new: earlier checkpoints still resume
+        setup["unet_heads"] = list(unet.config.attention_head_dim)
     if args.caption_detail_p:  # recorded only when set, so first-model checkpoints still resume with 0
         setup["caption_detail_p"] = args.caption_detail_p
     if (ckpt / "state.json").exists():
@@ -259,7 +262,7 @@ def train_denoiser(args, latents: torch.Tensor, scenes: list[Scene], vae, evalua
         return args.lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * p)))
 
     def ema_pipeline():
-        te, un = build_text_encoder(len(tokenizer)), build_unet()
+        te, un = build_text_encoder(len(tokenizer)), build_unet(**unet_layout)
         te.load_state_dict({k[len("text_encoder.") :]: v for k, v in ema.items() if k.startswith("text_encoder.")})
         un.load_state_dict({k[len("unet.") :]: v for k, v in ema.items() if k.startswith("unet.")})
         return StableDiffusionPipeline(
@@ -338,6 +341,10 @@ def train_denoiser(args, latents: torch.Tensor, scenes: list[Scene], vae, evalua
     return ema_pipeline().to("cpu"), best
 
 
+def int_list(text: str) -> tuple[int, ...]:
+    return tuple(int(v) for v in text.split(","))
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--work_dir", default="runs/tinyworld", help="intermediate files and checkpoints (resumable)")
@@ -356,6 +363,14 @@ def main() -> None:
     )
     p.add_argument("--unet_steps", type=int, default=11000)
     p.add_argument("--batch_size", type=int, default=64)
+    p.add_argument("--unet_widths", type=int_list, default=(32, 64, 96), help="UNet channels per level: 32,64,96")
+    p.add_argument(
+        "--unet_attention",
+        type=int_list,
+        default=(1, 1, 0),
+        help="1 where a level has transformer blocks (self- and cross-attention), 0 where it is convolutional",
+    )
+    p.add_argument("--unet_heads", type=int_list, default=(2, 2, 2), help="attention heads per level")
     p.add_argument(
         "--shapes_batch_size",
         type=int,
@@ -403,6 +418,9 @@ def main() -> None:
         p.error(f"--evaluator_reconstructions counts images, so it is 0 or more; got {args.evaluator_reconstructions}")
     if not 0.0 <= args.caption_detail_p <= 1.0:
         p.error(f"--caption_detail_p is a share, between 0 and 1; got {args.caption_detail_p}")
+    if not len(args.unet_widths) == len(args.unet_attention) == len(args.unet_heads):
+        p.error("--unet_widths, --unet_attention and --unet_heads give one value per level each")
+    args.unet_attention = tuple(bool(a) for a in args.unet_attention)
     if args.shapes_batch_size is None:
         args.shapes_batch_size = args.batch_size
     if min(args.batch_size, args.shapes_batch_size) < 1:
@@ -430,7 +448,7 @@ def main() -> None:
     n_recon = min(args.evaluator_reconstructions, len(full_images))
     recon_path = work / "recon_full.npz"
     recon = dict(np.load(recon_path)) if recon_path.exists() else {}
-    if len(recon.get("full", ())) != n_recon:
+    if "test" not in recon or len(recon["full"]) != n_recon:
         recon = {
             "full": reconstruct(vae, full_images[:n_recon], device),
             "test": reconstruct(vae, test_images, device),

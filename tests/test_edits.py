@@ -17,6 +17,7 @@ from genreg.tinyworld.edits import (
     sample_edits,
     scene_reading,
 )
+from genreg.tinyworld.world import DETAIL_WORDS
 
 OBJECT_FIELDS = ("shape", "color", "size", "position", "pattern", "outline")
 
@@ -40,6 +41,18 @@ def test_cases_are_seeded_balanced_and_change_exactly_the_edited_attribute():
         for obj in case.source.objects + case.target.objects:
             for name, values in HELD_OUT.items():
                 assert getattr(obj, name) not in values
+
+
+def test_named_details_change_only_the_prompts():
+    plain, named = sample_edits(12, seed=3), sample_edits(12, seed=3, details=True)
+    assert [replace(c, details=True) for c in plain] == named
+    for case in named:
+        for prompt, scene in ((case.source_prompt, case.source), (case.target_prompt, case.target)):
+            for obj in scene.objects:
+                assert DETAIL_WORDS["pattern"][obj.pattern] in prompt
+                assert DETAIL_WORDS["outline"][obj.outline] in prompt
+    words = {w for names in DETAIL_WORDS.values() for w in names.values()}
+    assert not any(w in c.source_prompt.split() for c in plain for w in words)
 
 
 def test_make_edit_refuses_unknown_kinds_and_inconsistent_cases():

@@ -112,6 +112,20 @@ def test_a_score_forgetting_output_loads_and_generates_in_one_step(tmp_path, cap
     err = capsys.readouterr().err
     assert "one-step generator" in err and "guidance, num_inference_steps" in err and "Traceback" not in err
 
+    # Editing and training run many steps: they refuse the generator and name the command that draws with it.
+    photo = tmp_path / "data" / "red.png"
+    photo.parent.mkdir()
+    Image.new("RGB", (32, 32), "red").save(photo)
+    assert main(["edit", str(photo), "--model", str(model), "--out", str(tmp_path / "edited.png")]) == 2
+    err = capsys.readouterr().err
+    assert "`genreg edit` needs a multi-step model" in err and f"genreg generate --model {model}" in err
+    out = tmp_path / "ti"
+    argv = ["--pretrained_model_name_or_path", str(model), "--train_data_dir", str(photo.parent)]
+    argv += ["--output_dir", str(out)]
+    assert main(["train", "textual-inversion", *argv, "--placeholder_token", "<me>"]) == 2
+    assert "`genreg train textual-inversion` needs a multi-step model" in capsys.readouterr().err
+    assert not (tmp_path / "edited.png").exists() and not out.exists()
+
 
 @pytest.mark.parametrize(
     "argv, message",

@@ -7,6 +7,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+from diffusers import UNet2DConditionModel
 
 
 @pytest.mark.slow
@@ -42,6 +43,25 @@ def test_train_script_writes_a_loadable_pipeline_and_resumes(tmp_path):
     assert run.returncode != 0 and "pass the same flags to resume" in run.stderr
 
 
+def test_the_unet_layout_places_transformer_blocks_and_heads_per_level():
+    from genreg.tinyworld.architecture import build_unet
+
+    unet = build_unet()  # Tiny World 2: transformer blocks at 16x16 and 8x8, as SD 1.x places them
+    assert unet.config.down_block_types == ("CrossAttnDownBlock2D",) * 2 + ("DownBlock2D",)
+    top = unet.down_blocks[0].attentions[0].transformer_blocks[0].attn1
+    assert top.heads == 2 and top.inner_dim == 32
+    one_head = build_unet((32, 64, 128), (True, True, True), heads=(1, 4, 4))
+    assert one_head.down_blocks[0].attentions[0].transformer_blocks[0].attn1.heads == 1
+    assert one_head.down_blocks[2].attentions[0].transformer_blocks[0].attn1.heads == 4
+    first = build_unet((32, 64, 128), (False, True, True), heads=4)  # the first bundled model's layout
+    assert first.config.down_block_types[0] == "DownBlock2D" and first.config.up_block_types[-1] == "UpBlock2D"
+    bundled = UNet2DConditionModel.from_pretrained("genreg/tinyworld/model", subfolder="unet")
+    assert first.config.block_out_channels == tuple(bundled.config.block_out_channels)
+    assert sum(p.numel() for p in first.parameters()) == sum(p.numel() for p in bundled.parameters())
+    with pytest.raises(ValueError, match="one attention flag and head count per level"):
+        build_unet(widths=(32, 64), attention=(True, True, True))
+
+
 def test_standardised_latent_channels_are_the_same_autoencoder():
     from genreg.tinyworld.architecture import build_vae, standardize_latent_channels
 
@@ -66,6 +86,7 @@ def test_standardised_latent_channels_are_the_same_autoencoder():
     [
         (["--evaluator_reconstructions", "-1"], "--evaluator_reconstructions counts images"),
         (["--shapes_batch_size", "0"], "batch sizes are 1 or more"),
+        (["--unet_widths", "32,64", "--unet_attention", "1,1,1"], "one value per level each"),
     ],
 )
 def test_bad_arguments_are_refused_before_any_work(tmp_path, bad, message):

@@ -29,14 +29,13 @@ from pathlib import Path
 
 import torch
 from diffusers import DiffusionPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
-from genreg.pipelines import OneStepPipeline
 from gradio.utils import get_upload_folder
 
 import genreg.methods  # noqa: F401  (registers every method)
 from genreg import registry
 from genreg.embeddings import load_learned_embeds, placeholder_names, require_new_tokens
 from genreg.io import load_image
-from genreg.models import BUNDLED, load_pipeline
+from genreg.models import BUNDLED, load_pipeline, require_multi_step
 from genreg.registry import Method
 
 logger = logging.getLogger(__name__)
@@ -136,12 +135,7 @@ class Workspace:
                 f"{name} holds a {type(base).__name__}; the app works with Stable Diffusion 1.x/2.x and SDXL "
                 "text-to-image models"
             )
-        if isinstance(base, OneStepPipeline):  # the tabs' samplers, editors and trainers would run it for many steps
-            raise ValueError(
-                f"{name} is a one-step generator ({type(base).__name__}, as Score Forgetting Distillation writes); "
-                "the app samples, edits and trains with multi-step models: load the model it was distilled from, and "
-                f'draw with this one by `genreg generate --model {name} "a prompt"`'
-            )
+        require_multi_step(base, name, "the app")
         base.set_progress_bar_config(disable=True)
         pipes = {}
         for method in registry.methods():

@@ -26,12 +26,14 @@ EDIT_KINDS = ("color", "shape", "background")
 @dataclass(frozen=True)
 class EditCase:
     """One edit: ``source`` becomes ``target`` by changing ``kind`` ("color" or "shape" of the object at ``index``,
-    or the "background", where ``index`` is None)."""
+    or the "background", where ``index`` is None). With ``details`` its prompts also name every object's pattern and
+    outline (what a source prompt can say of a rendered scene); without, they leave them to the model."""
 
     kind: str
     source: Scene
     target: Scene
     index: int | None = None
+    details: bool = False
 
     def __post_init__(self):
         if self.kind not in EDIT_KINDS:
@@ -41,11 +43,11 @@ class EditCase:
 
     @property
     def source_prompt(self) -> str:
-        return scene_prompt(self.source, background=True)
+        return scene_prompt(self.source, background=True, details=self.details)
 
     @property
     def target_prompt(self) -> str:
-        return scene_prompt(self.target, background=True)
+        return scene_prompt(self.target, background=True, details=self.details)
 
     @property
     def value(self) -> str:
@@ -76,14 +78,16 @@ def make_edit(scene: Scene, kind: str, rng: random.Random, index: int | None = N
     return EditCase(kind, scene, replace(scene, objects=tuple(objects)), index)
 
 
-def sample_edits(n: int, seed: int, holdout: bool = True) -> list[EditCase]:
+def sample_edits(n: int, seed: int, holdout: bool = True, details: bool = False) -> list[EditCase]:
     """``n`` edits of random scenes, balanced over the three kinds and one- and two-object scenes: case k is of kind
-    ``EDIT_KINDS[k % 3]`` in a scene of ``1 + k % 2`` objects, so any six consecutive cases cover all six groups."""
+    ``EDIT_KINDS[k % 3]`` in a scene of ``1 + k % 2`` objects, so any six consecutive cases cover all six groups.
+    ``details``: the prompts name pattern and outline (the same scenes and edits either way)."""
     rng = random.Random(seed)
     cases = []
     for k in range(n):
         scene = sample_scene(rng, 1 + k % 2, holdout=holdout)
-        cases.append(make_edit(scene, EDIT_KINDS[k % len(EDIT_KINDS)], rng, holdout=holdout))
+        case = make_edit(scene, EDIT_KINDS[k % len(EDIT_KINDS)], rng, holdout=holdout)
+        cases.append(replace(case, details=details))
     return cases
 
 

@@ -21,8 +21,9 @@ Stages (each resumes from what the previous run left in --work_dir):
      average the object away from the mean image), the high-noise steps that decide the layout teach nothing and
      position words are ignored. Captions name each object's pattern, and apart its outline, with probability
      --caption_detail_p, so both have a path from text and are drawn at their training frequencies when unnamed.
-     Every --eval_every steps the EMA model samples prompts (25 DDIM steps, guidance 5), the evaluator scores them,
-     and the best is kept.
+     The UNet starts as SD's training code started it (--unet_init zero_residual: each residual branch's last layer
+     and the output conv at zero). Every --eval_every steps the EMA model samples prompts (25 DDIM steps, guidance
+     5), the evaluator scores them, the best is kept, and its x0 error per timestep band is logged.
   6. the best EMA model is written as a diffusers StableDiffusionPipeline (safetensors) to --output_dir.
 """
 
@@ -44,6 +45,7 @@ from diffusers import AutoencoderKL, StableDiffusionPipeline
 from safetensors.torch import load_file, save_file
 
 from genreg.io import atomic_write, atomic_write_text
+from genreg.sd import to_space
 from genreg.tinyworld.architecture import (
     build_scheduler,
     build_text_encoder,
@@ -51,6 +53,7 @@ from genreg.tinyworld.architecture import (
     build_unet,
     build_vae,
     standardize_latent_channels,
+    zero_residual_outputs,
 )
 from genreg.tinyworld.evaluator import Evaluator, EvaluatorNet, evaluator_loss, scene_targets
 from genreg.tinyworld.render import render_many
@@ -211,6 +214,42 @@ def sample_and_score(pipe, evaluator: Evaluator, prompts: list[str], seed: int, 
     return evaluator.score(images, prompts)
 
 
+X0_BANDS = ((0, 250), (250, 500), (500, 750), (750, 1000))
+
+
+@torch.no_grad()
+def x0_error_by_band(pipe, latents: torch.Tensor, scenes: list[Scene], n: int = 512) -> dict[str, list[float]]:
+    """Mean squared x0 error of the denoiser on the first ``n`` training latents (cycled if fewer), noised at fixed
+    timesteps (an equal share in each band of ``X0_BANDS``), with the full prompt (background, pattern, outline named)
+    and with the empty prompt. Where a run stalls shows here: the high bands decide the layout, the low the detail."""
+    g = torch.Generator().manual_seed(0)
+    per_band = max(1, min(n, len(latents)) // len(X0_BANDS))
+    t = torch.cat([torch.randint(lo, hi, (per_band,), generator=g) for lo, hi in X0_BANDS])
+    x0 = latents[torch.arange(len(t)) % len(latents)] * pipe.vae.config.scaling_factor
+    x_t = pipe.scheduler.add_noise(x0, torch.randn(x0.shape, generator=g), t)
+    alpha_bar = pipe.scheduler.alphas_cumprod[t].view(-1, 1, 1, 1)
+    prompts = {
+        "prompt": [scene_prompt(scenes[i % len(scenes)], background=True, details=True) for i in range(len(t))],
+        "empty": [""],
+    }
+    out = {}
+    for name, texts in prompts.items():
+        ids = pipe.tokenizer(texts, padding="max_length", truncation=True, return_tensors="pt").input_ids
+        cond = pipe.text_encoder(ids.to(pipe.device))[0].expand(len(t), -1, -1)
+        pred = torch.cat(
+            [
+                pipe.unet(
+                    x_t[i : i + 128].to(pipe.device), t[i : i + 128].to(pipe.device), cond[i : i + 128]
+                ).sample.cpu()
+                for i in range(0, len(t), 128)
+            ]
+        )
+        x0_hat = to_space(pred, x_t, alpha_bar, pipe.scheduler.config.prediction_type, "x0")
+        err = (x0_hat - x0).pow(2).mean(dim=(1, 2, 3)).view(len(X0_BANDS), per_band).mean(dim=1)
+        out[name] = [round(v, 4) for v in err.tolist()]
+    return out
+
+
 def train_denoiser(args, latents: torch.Tensor, scenes: list[Scene], vae, evaluator: Evaluator, work: Path, device):
     # Seeded here, not by the stages before: a run that finds its data, VAE and evaluator already in --work_dir
     # starts the denoiser exactly as one that made them. (A resumed run restores the RNG state below.)
@@ -218,6 +257,8 @@ def train_denoiser(args, latents: torch.Tensor, scenes: list[Scene], vae, evalua
     tokenizer = build_tokenizer()
     unet_layout = {"widths": args.unet_widths, "attention": args.unet_attention, "heads": args.unet_heads}
     unet, text_encoder = build_unet(**unet_layout), build_text_encoder(len(tokenizer))
+    if args.unet_init == "zero_residual":
+        zero_residual_outputs(unet)
     scheduler = build_scheduler(args.prediction_type)
     models = torch.nn.ModuleDict({"unet": unet, "text_encoder": text_encoder}).to(device)
     ema = {k: v.detach().clone() for k, v in models.state_dict().items()}
@@ -307,7 +348,7 @@ def train_denoiser(args, latents: torch.Tensor, scenes: list[Scene], vae, evalua
             group["lr"] = lr_at(step)
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(models.parameters(), 1.0)
+        grad_norm = torch.nn.utils.clip_grad_norm_(models.parameters(), 1.0).item()
         opt.step()
         step += 1
         decay = min(args.ema_decay, (1 + step) / (10 + step))
@@ -315,11 +356,16 @@ def train_denoiser(args, latents: torch.Tensor, scenes: list[Scene], vae, evalua
             for k, v in models.state_dict().items():
                 ema[k].lerp_(v, 1 - decay) if v.is_floating_point() else ema[k].copy_(v)
         if step % 100 == 0:
-            log(f"denoiser step {step} loss {loss.item():.4f} ({(time.time() - t0) / 100:.2f}s/step)")
+            log(
+                f"denoiser step {step} loss {loss.item():.4f} grad norm {grad_norm:.3f}"
+                f" ({(time.time() - t0) / 100:.2f}s/step)"
+            )
             t0 = time.time()
         if step % args.eval_every == 0 or step == args.unet_steps:
-            scores = sample_and_score(ema_pipeline(), evaluator, prompts, seed=0)
+            pipe = ema_pipeline()
+            scores = sample_and_score(pipe, evaluator, prompts, seed=0)
             log(f"eval step {step}: {json.dumps({k: round(v, 3) for k, v in scores.items()})}")
+            log(f"x0 error in t bands {X0_BANDS}: {json.dumps(x0_error_by_band(pipe, latents, scenes))}")
             if scores["all_correct"] > best["score"]:
                 best = {"score": scores["all_correct"], "step": step, "scores": scores}
                 atomic_save(ema, work / "best_ema.safetensors")
@@ -371,6 +417,13 @@ def main() -> None:
         help="1 where a level has transformer blocks (self- and cross-attention), 0 where it is convolutional",
     )
     p.add_argument("--unet_heads", type=int_list, default=(2, 2, 2), help="attention heads per level")
+    p.add_argument(
+        "--unet_init",
+        choices=("zero_residual", "default"),
+        default="zero_residual",
+        help="zero_residual: every residual branch's last layer and the output conv start at zero, as SD's own"
+        " training code starts them; default: diffusers' (PyTorch's) init, as the first bundled model was trained",
+    )
     p.add_argument(
         "--shapes_batch_size",
         type=int,

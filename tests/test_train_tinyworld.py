@@ -1,8 +1,10 @@
 """The bundled model's training script: end to end at toy sizes (slow: run with -m slow), and its argument checks."""
 
+import random
 import shutil
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -60,6 +62,58 @@ def test_the_unet_layout_places_transformer_blocks_and_heads_per_level():
     assert sum(p.numel() for p in first.parameters()) == sum(p.numel() for p in bundled.parameters())
     with pytest.raises(ValueError, match="one attention flag and head count per level"):
         build_unet(widths=(32, 64), attention=(True, True, True))
+
+
+def test_zero_residual_outputs_start_every_block_as_the_identity_and_still_train():
+    from genreg.tinyworld.architecture import build_unet, zero_residual_outputs
+
+    torch.manual_seed(0)
+    unet = build_unet()
+    untouched = {k: v.clone() for k, v in unet.state_dict().items()}
+    zero_residual_outputs(unet)
+    zeroed = {k for k, v in unet.state_dict().items() if not torch.equal(v, untouched[k])}
+    assert zeroed and all(k.startswith("conv_out.") or ".conv2." in k or ".proj_out." in k for k in zeroed)
+    assert any(".attentions.0.proj_out.weight" in k for k in zeroed)  # the transformer blocks' outputs too
+    x, t, cond = torch.randn(2, 4, 16, 16), torch.tensor([10, 900]), torch.randn(2, 32, 64)
+    assert unet(x, t, cond).sample.abs().max() == 0
+    opt = torch.optim.AdamW(unet.parameters(), lr=1e-3)
+    for _ in range(2):  # the first step moves conv_out only; from the second on, every block learns
+        opt.zero_grad()
+        unet(x, t, cond).sample.sub(x).pow(2).mean().backward()
+        opt.step()
+    moved = unet.down_blocks[0].attentions[0].proj_out.weight
+    assert moved.abs().max() > 0
+
+
+def test_x0_error_by_band_is_zero_for_an_exact_denoiser():
+    sys.path.insert(0, "scripts")
+    from train_tinyworld import X0_BANDS, x0_error_by_band
+
+    from genreg.tinyworld.architecture import build_scheduler, build_text_encoder, build_tokenizer
+    from genreg.tinyworld.world import sample_scene
+
+    scheduler = build_scheduler("v_prediction")
+    alphas = scheduler.alphas_cumprod
+
+    def exact(x_t, t, cond):  # for clean latents of zero, x_t = sqrt(1 - a) eps and v = sqrt(a) eps
+        a = alphas[t].view(-1, 1, 1, 1)
+        return SimpleNamespace(sample=a.sqrt() * x_t / (1 - a).sqrt())
+
+    tokenizer = build_tokenizer()
+    pipe = SimpleNamespace(
+        vae=SimpleNamespace(config=SimpleNamespace(scaling_factor=1.0)),
+        scheduler=scheduler,
+        tokenizer=tokenizer,
+        text_encoder=build_text_encoder(len(tokenizer)),
+        unet=exact,
+        device=torch.device("cpu"),
+    )
+    scenes = [sample_scene(random.Random(i)) for i in range(8)]
+    errors = x0_error_by_band(pipe, torch.zeros(8, 4, 16, 16), scenes, n=8)
+    assert set(errors) == {"prompt", "empty"} and len(errors["empty"]) == len(X0_BANDS)
+    assert max(errors["prompt"] + errors["empty"]) < 1e-6
+    pipe.unet = lambda x_t, t, cond: SimpleNamespace(sample=torch.zeros_like(x_t))  # v = 0 means x0 = sqrt(a) x_t
+    assert min(x0_error_by_band(pipe, torch.zeros(8, 4, 16, 16), scenes, n=8)["empty"]) > 0
 
 
 def test_standardised_latent_channels_are_the_same_autoencoder():

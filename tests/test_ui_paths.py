@@ -201,3 +201,16 @@ def test_a_failed_training_request_leaves_the_runs_folder_as_it_was(app, runs, t
     monkeypatch.setattr(app.workspace, "runs_dir", fresh)
     assert "not found" in refusal(app, "personalize", **request)
     assert not fresh.exists()  # the runs folder the request made is gone too
+
+
+def test_a_run_record_names_its_method_and_subject_and_earlier_records_still_resume(app, runs):
+    ws = app.workspace
+    folder = runs / "run"
+    data = ws.prepare_run(folder, "textual-inversion", "<cat>", False, lambda d: (d / "a.png").write_bytes(b""))
+    assert (data / "a.png").is_file()
+    assert '"subject": "<cat>"' in (folder / "genreg-app-run.json").read_text()
+    assert ws.prepare_run(folder, "textual-inversion", "<cat>", True, None) == data
+    with pytest.raises(ValueError, match="trains <cat> with textual-inversion"):
+        ws.prepare_run(folder, "textual-inversion", "<dog>", True, None)
+    (folder / "genreg-app-run.json").write_text('{"method": "sara", "placeholder_token": "red"}')  # an earlier app's
+    assert ws.prepare_run(folder, "sara", "red", True, None) == data

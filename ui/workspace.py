@@ -41,7 +41,7 @@ from genreg.registry import Method
 logger = logging.getLogger(__name__)
 
 RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
-RUN_FILE = "genreg-app-run.json"  # what the app needs to resume a run: method and placeholder token
+RUN_FILE = "genreg-app-run.json"  # what the app needs to resume a run: method and subject
 
 
 @dataclass
@@ -279,11 +279,12 @@ class Workspace:
                 shutil.rmtree(created[-1], ignore_errors=True)
             raise
 
-    def run_folder(self, name: str, method: str, token: str) -> Path:
-        """The folder of a training run under ``runs_dir``: ``name``, or a new one named after method and token."""
+    def run_folder(self, name: str, method: str, subject: str) -> Path:
+        """The folder of a training run under ``runs_dir``: ``name``, or a new one named after method and subject (a
+        placeholder token, a concept, or "images")."""
         name = (name or "").strip()
         if not name:
-            stem = f"{method}-{slug(token)}-{time.strftime('%Y%m%d-%H%M%S')}"
+            stem = f"{method}-{slug(subject)}-{time.strftime('%Y%m%d-%H%M%S')}"
             folder, n = self.runs_dir / stem, 1
             while folder.exists():
                 n += 1
@@ -296,7 +297,7 @@ class Workspace:
             )
         return self.runs_dir / name
 
-    def prepare_run(self, folder: Path, method: str, token: str, resume: bool, fill: Callable[[Path], None]) -> Path:
+    def prepare_run(self, folder: Path, method: str, subject: str, resume: bool, fill: Callable[[Path], None]) -> Path:
         """Checks that ``folder`` suits a new or resumed run and has ``fill(data)`` write a new run's training data
         (a kit, or uploads); returns the data folder. A resumed run keeps its own data."""
         from genreg.training import list_checkpoints
@@ -310,9 +311,10 @@ class Workspace:
                     "'Resume from checkpoint' to start a new run"
                 )
             saved = json.loads(record.read_text())
-            if saved.get("method") != method or saved.get("placeholder_token") != token:
+            saved_subject = saved.get("subject", saved.get("placeholder_token"))  # the key of earlier app versions
+            if saved.get("method") != method or saved_subject != subject:
                 raise ValueError(
-                    f"run folder {folder.name} trains {saved.get('placeholder_token')} with {saved.get('method')}; "
+                    f"run folder {folder.name} trains {saved_subject} with {saved.get('method')}; "
                     "resume it with the same method and subject, or start a new run"
                 )
             return data
@@ -325,7 +327,7 @@ class Workspace:
         shutil.rmtree(data, ignore_errors=True)
         data.mkdir(parents=True)
         fill(data)
-        record.write_text(json.dumps({"method": method, "placeholder_token": token}) + "\n")
+        record.write_text(json.dumps({"method": method, "subject": subject}) + "\n")
         return data
 
     @staticmethod

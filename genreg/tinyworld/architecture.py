@@ -156,6 +156,21 @@ def build_unet(
     )
 
 
+@torch.no_grad()
+def zero_residual_outputs(unet: UNet2DConditionModel) -> UNet2DConditionModel:
+    """Starts the UNet as SD's own training code (ldm) did: the last layer of every residual branch (each resnet's
+    conv2, each transformer block's proj_out) and the output conv at zero, so every block begins as the identity.
+
+    diffusers keeps PyTorch's default init (its models are made to load weights); trained from it, transformer blocks
+    at the top level add a random perturbation at every step of every image from the first update on."""
+    for name, module in unet.named_modules():
+        if name == "conv_out" or name.endswith((".conv2", ".proj_out")):
+            module.weight.zero_()
+            if module.bias is not None:
+                module.bias.zero_()
+    return unet
+
+
 def build_scheduler(prediction_type: str = "v_prediction") -> DDIMScheduler:
     """DDPM's linear betas (terminal SNR ~4e-5, so little colour or position leaks through the last step);
     no sample clipping (latents are not bounded to [-1, 1]); trailing spacing so sampling starts at t = 999.

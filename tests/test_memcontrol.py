@@ -17,6 +17,7 @@ from genreg.cli import main
 from genreg.methods.memcontrol import (
     MemControlConfig,
     MemControlFinetuneConfig,
+    TrialStopped,
     add_adapter,
     applied,
     attention_blocks,
@@ -59,7 +60,7 @@ def folders(tmp_path) -> tuple[Path, Path]:
 
 def settings(folders, **changes) -> MemControlConfig:
     train, held = folders
-    return MemControlConfig(train_data_dir=str(train), validation_data_dir=str(held), n_trials=2, **changes)
+    return MemControlConfig(train_data_dir=str(train), validation_data_dir=str(held), **({"n_trials": 2} | changes))
 
 
 def run(tmp_path, **changes) -> TrainConfig:
@@ -205,6 +206,27 @@ def test_a_trial_whose_worker_died_is_failed_and_queued_again(tmp_path, folders,
     search_memcontrol(pipe(), config, run(tmp_path), embed=mean_colour)
     states = [t.state for t in optuna.load_study(study_name="memcontrol", storage=study._storage).trials]
     assert states[0] == optuna.trial.TrialState.FAIL and optuna.trial.TrialState.COMPLETE in states
+
+
+@pytest.mark.parametrize("stop_at_call", [1, 2], ids=["while-training", "while-scoring"])
+def test_a_stop_during_a_trial_fails_it_rather_than_scoring_it(tmp_path, folders, stop_at_call):
+    import optuna
+
+    calls = []
+
+    def should_stop() -> bool:  # asked after the one training step, then after every sampling step
+        calls.append(1)
+        return len(calls) >= stop_at_call
+
+    config = settings(folders, sampler="random")
+    with pytest.raises(TrialStopped, match="scoring" if stop_at_call == 2 else "step 1 of 1"):
+        search_memcontrol(pipe(), config, run(tmp_path), embed=mean_colour, should_stop=should_stop)
+    assert len(calls) == stop_at_call  # nothing sampled after a stop
+    *pruned, trial = optuna.load_study(
+        study_name="memcontrol", storage=f"sqlite:///{tmp_path / 'out' / 'study.db'}"
+    ).trials
+    assert trial.state == optuna.trial.TrialState.FAIL  # an empty mask is pruned before it, if drawn
+    assert all(t.state == optuna.trial.TrialState.PRUNED for t in pruned)
 
 
 def test_the_memorization_kit_repeats_some_images_and_names_no_detail(tmp_path):

@@ -255,8 +255,9 @@ def train_shared_model(
     live progress; returns (its result, steps done, whether Stop ended it early, seconds).
 
     With ``trials`` the method is a search of that many inner runs, each from step 1: progress names the trial, and
-    Stop abandons the running one at its next step, so the result is None (Interrupted is raised through the search,
-    which records the trial as failed: cut short, it would be scored as if fully trained)."""
+    Stop abandons the running one at its next training or sampling step (a trial is scored by sampling), so the result
+    is None (Interrupted is raised through the search, which records the trial as failed: cut short, it would be
+    scored as if fully trained)."""
     done, trial = [0], [1]
 
     def on_step(step: int, loss: float) -> None:

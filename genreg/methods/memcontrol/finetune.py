@@ -103,7 +103,7 @@ def finetune_memcontrol(pipe, config: MemControlFinetuneConfig, train: TrainConf
     if any(item.caption is None for item in data.items):
         raise ValueError(f"every image in {config.train_data_dir} needs a caption (metadata.jsonl or a .txt file)")
     settings = {"method": "memcontrol-finetune", "mask": mask, "family": config.family, "rank": config.lora_rank}
-    tuned, _ = tune_copy(pipe, data, mask, config.family, config.lora_rank, train, settings=settings, **fit_kwargs)
+    tuned, _, _ = tune_copy(pipe, data, mask, config.family, config.lora_rank, train, settings=settings, **fit_kwargs)
     return save_result(tuned, config.family, Path(train.output_dir))
 
 

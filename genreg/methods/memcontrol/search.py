@@ -37,6 +37,11 @@ OBJECTIVES = ("memorization", "frechet_distance")  # the paper's pair (the defau
 HEARTBEAT_SECONDS = 30
 
 
+class TrialStopped(Exception):
+    """``should_stop()`` turned true during a trial (training or scoring): the study records the trial as failed,
+    since a copy cut short would be scored as if fully trained."""
+
+
 @dataclass
 class MemControlConfig(ImageDataConfig):
     """The fine-tuning set (captioned), the held-out set of the quality objective, and the search's settings."""
@@ -134,13 +139,16 @@ def objectives(config: MemControlConfig) -> tuple[str, str]:
 
 def tune_copy(pipe, data: ImageFolder, mask, family: str, rank: int, train: TrainConfig, **fit_kwargs):
     """A pipeline over a copy of ``pipe``'s UNet whose mask-selected blocks carry the family's adapter, fine-tuned on
-    ``data`` on the shared loop; returns it (in eval mode) and its trainable count. ``pipe`` is left as it was."""
+    ``data`` on the shared loop; returns it (in eval mode), its trainable count and the FitResult. ``pipe`` is left as
+    it was."""
     tuned = type(pipe).from_pipe(pipe, unet=copy.deepcopy(pipe.unet))
     tuned.set_progress_bar_config(disable=True)
     trainable = add_adapter(tuned.unet, mask, family, rank)
-    fit(FineTuneObjective(tuned), lambda s, i: data.sample(pipe.tokenizer, train.seed, s, i), train, **fit_kwargs)
+    result = fit(
+        FineTuneObjective(tuned), lambda s, i: data.sample(pipe.tokenizer, train.seed, s, i), train, **fit_kwargs
+    )
     tuned.unet.eval()
-    return tuned, trainable
+    return tuned, trainable, result
 
 
 def run_trial(pipe, config: MemControlConfig, train: TrainConfig, mask, lr: float, quality: Callable, **fit_kwargs):
@@ -148,17 +156,34 @@ def run_trial(pipe, config: MemControlConfig, train: TrainConfig, mask, lr: floa
     trainable parameters, the fine-tuned pipeline). ``quality(generated, references, captions)`` is minimised."""
     data = config.read(pipe)
     train = dataclasses.replace(train, learning_rate=lr)
-    tuned, trainable = tune_copy(pipe, data, mask, config.family, config.lora_rank, train, **fit_kwargs)
+    tuned, trainable, result = tune_copy(pipe, data, mask, config.family, config.lora_rank, train, **fit_kwargs)
+    if result.stopped:
+        raise TrialStopped(f"stopped at step {result.step} of {train.max_train_steps}")
+    held_out = ImageFolder(config.validation_data_dir, data.size, True, 0.0)
     return (
-        *score(tuned, data, ImageFolder(config.validation_data_dir, data.size, True, 0.0), config, quality),
+        *score(tuned, data, held_out, config, quality, fit_kwargs.get("should_stop")),
         trainable,
         tuned,
     )
 
 
-def score(pipe, data: ImageFolder, held_out: ImageFolder, config: MemControlConfig, quality: Callable):
+def score(
+    pipe,
+    data: ImageFolder,
+    held_out: ImageFolder,
+    config: MemControlConfig,
+    quality: Callable,
+    should_stop: Callable[[], bool] | None = None,
+):
     """(memorization, quality): the noise norm over every training image, reduced; ``quality(generated, references,
-    captions)`` of one generation per held-out caption (seed k for caption k) against the held-out images."""
+    captions)`` of one generation per held-out caption (seed k for caption k) against the held-out images.
+    ``should_stop()`` is asked after every sampling step; true raises TrialStopped."""
+
+    def check(pipe, step, timestep, tensors):
+        if should_stop is not None and should_stop():
+            raise TrialStopped(f"stopped while scoring, at sampling step {step + 1}")
+        return tensors
+
     items = data.items
     ids = pipe.tokenizer(
         [item.caption or "" for item in items],
@@ -172,7 +197,7 @@ def score(pipe, data: ImageFolder, held_out: ImageFolder, config: MemControlConf
     memorization = float(norms.max() if config.reduce == "max" else norms.mean())
     captions = [item.caption or "" for item in held_out.items]
     generators = [torch.Generator().manual_seed(k) for k in range(len(captions))]
-    generated = pipe(captions, num_inference_steps=25, generator=generators).images
+    generated = pipe(captions, num_inference_steps=25, generator=generators, callback_on_step_end=check).images
     references = [
         Image.fromarray(((item.pixels.permute(1, 2, 0) + 1) * 127.5).round().byte().numpy()) for item in held_out.items
     ]

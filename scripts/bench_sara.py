@@ -1,11 +1,12 @@
 """Benchmarks SaRA against LoRA (peft, attention projections) and full fine-tuning on a tiny-world concept kit.
 
-    python scripts/bench_sara.py [--concept checkered] [--steps 400] [--batch_size 8]
+    python scripts/bench_sara.py [--concept checkered] [--steps 400] [--batch_size 8] [--rows base sara lora:3e-4 ...]
 
 Task: teach the bundled model a held-out value (``genreg.tinyworld.concepts``: renders whose captions name it) at
 equal steps, batch and data for every row. Rows: the untouched model; SaRA with its threshold set so that it trains
 as many weights as the LoRA row; SaRA without the low-rank loss and without progressive re-selection (ablations);
 LoRA of rank --lora_rank on every attention projection (diffusers' text-to-image LoRA setup); full fine-tuning.
+A row named ``ROW:LR`` is that row at learning rate LR (SaRA's default is the paper's rule, 1e-3 exp(-350 theta)).
 Each row trains in its own process, so its peak memory (CPU RSS, and CUDA's peak where a GPU is used) is its own;
 the result is saved in the method's format, loaded into a fresh plain diffusers pipeline with the standard loader
 (``genreg.methods.sara.load_into``, ``load_lora_weights``, ``UNet2DConditionModel.from_pretrained``) and scored:
@@ -28,7 +29,14 @@ import torch
 
 from genreg import load_pipeline
 from genreg.diffusion import FineTuneObjective
-from genreg.methods.sara import DELTA_FILE, SaRADelta, SaRATrainingConfig, load_into, train_sara
+from genreg.methods.sara import (
+    DELTA_FILE,
+    SaRADelta,
+    SaRATrainingConfig,
+    auto_learning_rate,
+    load_into,
+    train_sara,
+)
 from genreg.tinyworld import Evaluator, sample_scene, scene_prompt
 from genreg.tinyworld.concepts import CONCEPTS, concept_prompts, write_concept_kit
 from genreg.training import TrainConfig, fit
@@ -106,6 +114,7 @@ def train_row(args) -> None:
     seconds = time.perf_counter() - start
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     report = {
+        "learning_rate": spec["lr"] or auto_learning_rate(spec["sara"]["threshold"]),
         "trainable": trainable,
         "seconds_per_step": seconds / args.steps,
         "peak_rss_mib": peak,
@@ -193,6 +202,9 @@ def main() -> None:
         "lora": {"method": "lora", "lr": args.lora_lr},
         "full": {"method": "full", "lr": args.full_lr},
     }
+    unknown = [row for row in args.rows if row != "base" and row.partition(":")[0] not in specs]
+    if unknown:
+        p.error(f"unknown rows {unknown}: choose from base, {', '.join(specs)}, each optionally as ROW:LEARNING_RATE")
     evaluator = Evaluator.load()
     concept = concept_prompts(args.concept, args.eval_prompts, seed=args.seed)
     attribute = CONCEPTS[args.concept]
@@ -200,10 +212,11 @@ def main() -> None:
     retain = [scene_prompt(sample_scene(rng, n_objects=1), background=True) for _ in range(args.retain_prompts)]
     rows = {}
     for name in args.rows:
-        spec = specs.get(name, {"method": "base"})
-        out = work / name
+        kind, _, lr = name.partition(":")
+        spec = specs.get(kind, {"method": "base"})
+        out = work / name.replace(":", "-lr")
         if spec["method"] != "base":
-            spec = spec | {"out": str(out), "lr": spec.get("lr")}
+            spec = spec | {"out": str(out), "lr": float(lr) if lr else spec.get("lr")}
             command = [sys.executable, __file__, *sys.argv[1:], "--kit", str(kit), "--row", json.dumps(spec)]
             subprocess.run(command, check=True)
         pipe = load_row(args.model, spec["method"], out)
@@ -235,9 +248,9 @@ def write_results(args, rows: dict, threshold: float, count: int) -> None:
         f"{args.lora_rank}: {count:,}); {args.eval_prompts} prompts naming the concept, {args.retain_prompts} "
         "standard single-object prompts; 25 DDIM steps, guidance 5.",
         "",
-        "| row | new value | new, all correct | retained all-correct | change vs base | trainable | s/step | "
-        "peak RSS MiB (above loaded) | saved MiB |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| row | learning rate | new value | new, all correct | retained all-correct | change vs base | trainable | "
+        "s/step | peak RSS MiB (above loaded) | saved MiB |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, r in rows.items():
         change = f"{100 * (r['retained_all_correct'] - base):+.1f} pts" if base is not None else ""
@@ -247,8 +260,9 @@ def write_results(args, rows: dict, threshold: float, count: int) -> None:
             if "trainable" in r
             else " | | |"
         )
+        lr = f"{r['learning_rate']:.2g}" if "learning_rate" in r else ""
         lines.append(
-            f"| {name} | {r['new_value']:.3f} | {r['new_all_correct']:.3f} | {r['retained_all_correct']:.3f} | "
+            f"| {name} | {lr} | {r['new_value']:.3f} | {r['new_all_correct']:.3f} | {r['retained_all_correct']:.3f} | "
             f"{change} | {extra} |"
         )
     (RESULTS / "sara.md").write_text("\n".join(lines) + "\n")

@@ -409,14 +409,14 @@ def main() -> None:
     )
     p.add_argument("--unet_steps", type=int, default=11000)
     p.add_argument("--batch_size", type=int, default=64)
-    p.add_argument("--unet_widths", type=int_list, default=(32, 64, 96), help="UNet channels per level: 32,64,96")
+    p.add_argument("--unet_widths", type=int_list, default=(32, 64, 128), help="UNet channels per level: 32,64,128")
     p.add_argument(
         "--unet_attention",
         type=int_list,
-        default=(1, 1, 0),
+        default=(1, 1, 1),
         help="1 where a level has transformer blocks (self- and cross-attention), 0 where it is convolutional",
     )
-    p.add_argument("--unet_heads", type=int_list, default=(2, 2, 2), help="attention heads per level")
+    p.add_argument("--unet_heads", type=int_list, default=(1, 4, 4), help="attention heads per level")
     p.add_argument(
         "--unet_init",
         choices=("zero_residual", "default"),

@@ -48,13 +48,14 @@ def test_train_script_writes_a_loadable_pipeline_and_resumes(tmp_path):
 def test_the_unet_layout_places_transformer_blocks_and_heads_per_level():
     from genreg.tinyworld.architecture import build_unet
 
-    unet = build_unet()  # Tiny World 2: transformer blocks at 16x16 and 8x8, as SD 1.x places them
-    assert unet.config.down_block_types == ("CrossAttnDownBlock2D",) * 2 + ("DownBlock2D",)
+    unet = build_unet()  # Tiny World 2: transformer blocks at every level, 16x16 included as SD 1.x places them
+    assert unet.config.down_block_types == ("CrossAttnDownBlock2D",) * 3
     top = unet.down_blocks[0].attentions[0].transformer_blocks[0].attn1
-    assert top.heads == 2 and top.inner_dim == 32
-    one_head = build_unet((32, 64, 128), (True, True, True), heads=(1, 4, 4))
-    assert one_head.down_blocks[0].attentions[0].transformer_blocks[0].attn1.heads == 1
-    assert one_head.down_blocks[2].attentions[0].transformer_blocks[0].attn1.heads == 4
+    assert top.heads == 1 and top.inner_dim == 32
+    assert unet.down_blocks[2].attentions[0].transformer_blocks[0].attn1.heads == 4
+    sd_like = build_unet((32, 64, 96), (True, True, False), heads=2)  # convolutional lowest level, as SD 1.x
+    assert sd_like.config.down_block_types[-1] == "DownBlock2D" and sd_like.config.up_block_types[0] == "UpBlock2D"
+    assert sd_like.down_blocks[0].attentions[0].transformer_blocks[0].attn1.heads == 2
     first = build_unet((32, 64, 128), (False, True, True), heads=4)  # the first bundled model's layout
     assert first.config.down_block_types[0] == "DownBlock2D" and first.config.up_block_types[-1] == "UpBlock2D"
     bundled = UNet2DConditionModel.from_pretrained("genreg/tinyworld/model", subfolder="unet")

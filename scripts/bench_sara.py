@@ -166,6 +166,22 @@ def score(pipe, evaluator: Evaluator, prompts: list[str], seed: int) -> dict:
     return evaluator.score(images, prompts)
 
 
+ROWS = ("base", "sara", "sara-no-rank", "sara-no-progressive", "lora", "full")
+
+
+def row_name(text: str) -> str:
+    """A --rows entry, ROW or ROW:LEARNING_RATE; refused before anything is written when either part is wrong."""
+    kind, colon, lr = text.partition(":")
+    if kind not in ROWS or (colon and kind == "base"):
+        raise argparse.ArgumentTypeError(f"unknown row {text!r}: choose from {', '.join(ROWS)} (base takes no rate)")
+    try:
+        if colon and not float(lr) > 0:
+            raise ValueError
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: the learning rate after ':' is a positive number") from None
+    return text
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="tinyworld")
@@ -179,7 +195,11 @@ def main() -> None:
     p.add_argument("--eval_prompts", type=int, default=60, help="prompts naming the concept")
     p.add_argument("--retain_prompts", type=int, default=100, help="standard single-object prompts")
     p.add_argument(
-        "--rows", nargs="+", default=["base", "sara", "sara-no-rank", "sara-no-progressive", "lora", "full"]
+        "--rows",
+        nargs="+",
+        type=row_name,
+        default=list(ROWS),
+        help=f"rows to run, each optionally as ROW:LEARNING_RATE; rows: {', '.join(ROWS)}",
     )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--work_dir", default="runs/bench_sara")
@@ -202,9 +222,6 @@ def main() -> None:
         "lora": {"method": "lora", "lr": args.lora_lr},
         "full": {"method": "full", "lr": args.full_lr},
     }
-    unknown = [row for row in args.rows if row != "base" and row.partition(":")[0] not in specs]
-    if unknown:
-        p.error(f"unknown rows {unknown}: choose from base, {', '.join(specs)}, each optionally as ROW:LEARNING_RATE")
     evaluator = Evaluator.load()
     concept = concept_prompts(args.concept, args.eval_prompts, seed=args.seed)
     attribute = CONCEPTS[args.concept]

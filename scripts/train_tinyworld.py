@@ -47,6 +47,7 @@ from safetensors.torch import load_file, save_file
 from genreg.io import atomic_write, atomic_write_text
 from genreg.sd import to_space
 from genreg.tinyworld.architecture import (
+    UNET_LAYOUT,
     build_scheduler,
     build_text_encoder,
     build_tokenizer,
@@ -409,14 +410,14 @@ def main() -> None:
     )
     p.add_argument("--unet_steps", type=int, default=11000)
     p.add_argument("--batch_size", type=int, default=64)
-    p.add_argument("--unet_widths", type=int_list, default=(32, 64, 128), help="UNet channels per level: 32,64,128")
+    p.add_argument("--unet_widths", type=int_list, default=UNET_LAYOUT["widths"], help="UNet channels per level")
     p.add_argument(
         "--unet_attention",
         type=int_list,
-        default=(1, 1, 1),
+        default=UNET_LAYOUT["attention"],
         help="1 where a level has transformer blocks (self- and cross-attention), 0 where it is convolutional",
     )
-    p.add_argument("--unet_heads", type=int_list, default=(1, 4, 4), help="attention heads per level")
+    p.add_argument("--unet_heads", type=int_list, default=UNET_LAYOUT["heads"], help="attention heads per level")
     p.add_argument(
         "--unet_init",
         choices=("zero_residual", "default"),

@@ -124,10 +124,14 @@ def standardize_latent_channels(vae: AutoencoderKL, mean: torch.Tensor, std: tor
     dec.weight.copy_(w), dec.bias.copy_(b)
 
 
+# Tiny World 2's UNet layout: the defaults of ``build_unet`` and of the training script's layout flags.
+UNET_LAYOUT = {"widths": (32, 64, 128), "attention": (True, True, True), "heads": (1, 4, 4)}
+
+
 def build_unet(
-    widths: tuple[int, ...] = (32, 64, 128),
-    attention: tuple[bool, ...] = (True, True, True),
-    heads: int | tuple[int, ...] = (1, 4, 4),
+    widths: tuple[int, ...] = UNET_LAYOUT["widths"],
+    attention: tuple[bool, ...] = UNET_LAYOUT["attention"],
+    heads: int | tuple[int, ...] = UNET_LAYOUT["heads"],
 ) -> UNet2DConditionModel:
     """SD's UNet2DConditionModel at tiny-world scale: one level per width (16x16, 8x8, 4x4 latents), transformer
     blocks (self- and cross-attention) at the levels ``attention`` marks, cross-attention in the middle.

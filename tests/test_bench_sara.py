@@ -1,0 +1,30 @@
+"""bench_sara's --rows: ROW or ROW:LEARNING_RATE, refused by name before anything is written."""
+
+import subprocess
+import sys
+
+import pytest
+
+
+@pytest.mark.parametrize(
+    ("row", "message"),
+    [
+        ("sarah", "unknown row 'sarah'"),
+        ("base:1e-3", "unknown row 'base:1e-3'"),
+        ("lora:fast", "the learning rate after ':' is a positive number"),
+        ("sara:-1e-3", "the learning rate after ':' is a positive number"),
+    ],
+)
+def test_a_bad_row_is_refused_before_any_work(tmp_path, row, message):
+    work = tmp_path / "bench"
+    cmd = [sys.executable, "scripts/bench_sara.py", "--rows", "sara", row, "--work_dir", str(work)]
+    run = subprocess.run(cmd, capture_output=True, text=True)
+    assert run.returncode == 2 and message in run.stderr
+    assert not work.exists()
+
+
+def test_rows_take_a_learning_rate():
+    sys.path.insert(0, "scripts")
+    from bench_sara import row_name
+
+    assert row_name("sara:2e-3") == "sara:2e-3" and row_name("full") == "full"

@@ -14,7 +14,7 @@ Columns: edit success (the evaluator reads the target value of the edited attrib
 attribute of every object, named and unnamed, the object count and the background, read against the target scene);
 PSNR of the pixels outside the edit region against the source; seconds per edit relative to the first baseline.
 Memory: peak memory of one GaR edit recording only its selected attention layers versus recording every attention
-layer, each in a fresh process. Writes <results_dir>/guide_and_rescale.{json,md}.
+layer, each in a fresh process. Writes <results_dir>/<name>.{json,md} (--name, default guide_and_rescale).
 """
 
 from __future__ import annotations
@@ -349,6 +349,7 @@ def main() -> None:
     p.add_argument("--model", default="tinyworld")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--results_dir", type=Path, default=RESULTS)
+    p.add_argument("--name", default="guide_and_rescale", help="results file stem: <results_dir>/<name>.{json,md}")
     p.add_argument(
         "--examples", type=int, default=0, help="save the first N edits as a grid (guide_and_rescale_examples.png)"
     )
@@ -435,7 +436,7 @@ def main() -> None:
     settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "results_dir"}
     settings |= {"machine": platform.processor() or platform.machine(), "torch": torch.__version__}
     settings["scheduler"] = dict(pipe.scheduler.config)
-    (args.results_dir / "guide_and_rescale.json").write_text(
+    (args.results_dir / f"{args.name}.json").write_text(
         json.dumps(
             json_safe(
                 {
@@ -469,9 +470,9 @@ def main() -> None:
         grid = np.concatenate(
             [np.concatenate([c[i] for c in columns], axis=1) for i in range(min(args.examples, len(cases)))]
         )
-        PIL.Image.fromarray(grid).save(args.results_dir / "guide_and_rescale_examples.png")
+        PIL.Image.fromarray(grid).save(args.results_dir / f"{args.name}_examples.png")
     md = markdown(command_line(p, args), args, results, references, memory, checks, pipe.scheduler.config)
-    (args.results_dir / "guide_and_rescale.md").write_text(md)
+    (args.results_dir / f"{args.name}.md").write_text(md)
     print(md)
 
 

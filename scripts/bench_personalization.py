@@ -9,7 +9,8 @@ inversion starts from the subject's shape word; Cross Initialization's reference
 (every base colour of that shape, ``--subject_class tinyworld:SHAPE``) and, in a second row, every base-world
 "colour shape" name (``tinyworld``). Each
 snapshot is loaded into a fresh pipeline with plain ``load_textual_inversion`` and generates the kit's 8 new
-contexts x --images_per_case. A "words only" row prompts with the subject's colour and shape instead of a token.
+contexts x --images_per_case. A "words only" row prompts with the subject's colour and shape instead of a token
+(what a user would type), a "full description" row with its pattern and outline named too (the upper bound of text).
 Columns: identity (all four subject attributes; pattern and outline alone), evaluator-embedding cosine to the
 references, prompt alignment, learned-embedding norm / initial norm, wall time of training to that step.
 Writes bench/results/personalization.{json,md}.
@@ -19,6 +20,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
+import sys
 import time
 from pathlib import Path
 
@@ -109,10 +112,12 @@ def main() -> None:
         references = [render(s)[0] for s in reference_scenes(subject)]
         cases = evaluation_cases(subject)
         base = fresh_pipeline(args.model)
-        for seed in args.seeds:
-            images = generate(base, [c.prompt(subject.words) for c in cases], args.images_per_case, seed)
-            scores = score_subject(evaluator, images, cases, subject, references)
-            rows.append({"method": "words only", "steps": 0, "subject": name, "seed": seed, **scores})
+        for method, text in (("words only", subject.words), ("full description", subject.description)):
+            for seed in args.seeds:
+                images = generate(base, [c.prompt(text) for c in cases], args.images_per_case, seed)
+                scores = score_subject(evaluator, images, cases, subject, references)
+                row = {"method": method, "steps": 0, "subject": name, "seed": seed, "images": len(images)}
+                rows.append(row | scores)
         for method in ("textual-inversion", *CROSS_INIT):
             for seed in args.seeds:
                 out = work / method.replace(", ", "_").replace(" ", "-") / name / f"seed{seed}"
@@ -126,7 +131,8 @@ def main() -> None:
                     images = generate(pipe, [c.prompt(token) for c in cases], args.images_per_case, seed)
                     scores = score_subject(evaluator, images, cases, subject, references)
                     ratio = float(vectors.norm(dim=-1).mean() / init.norm(dim=-1).mean())
-                    row = {"method": method, "steps": steps, "subject": name, "seed": seed, **scores}
+                    row = {"method": method, "steps": steps, "subject": name, "seed": seed, "images": len(images)}
+                    row |= scores
                     rows.append(row | {"norm_ratio": ratio, "seconds": times[steps]})
                     print(json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in rows[-1].items()}))
 
@@ -134,7 +140,8 @@ def main() -> None:
     for key in dict.fromkeys((r["method"], r["steps"]) for r in rows):
         group = [r for r in rows if (r["method"], r["steps"]) == key]
         mean = {m: float(np.mean([r[m] for r in group])) for m in (*METRICS, "norm_ratio", "seconds") if m in group[0]}
-        table.append({"method": key[0], "steps": key[1], "runs": len(group)} | mean)
+        images = sum(r["images"] for r in group)
+        table.append({"method": key[0], "steps": key[1], "runs": len(group), "images": images} | mean)
 
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "personalization.json").write_text(
@@ -143,7 +150,7 @@ def main() -> None:
     lines = [
         "# Personalization benchmark: textual inversion vs Cross Initialization",
         "",
-        "Command: `python scripts/bench_personalization.py`",
+        f"Command: `{shlex.join(['python', 'scripts/bench_personalization.py', *sys.argv[1:]])}`",
         "",
         f"Bundled `tinyworld` model; {len(args.subjects)} subjects x seeds {args.seeds}; 2 vectors, batch "
         f"{args.batch_size}, lr {args.learning_rate:g} (constant), Cross Init lambda {args.reg_weight:g}, reference "
@@ -151,13 +158,14 @@ def main() -> None:
         "textual inversion starts from the subject's shape word. Each "
         f"snapshot generates 8 new contexts x {args.images_per_case} images (25 DDIM steps, guidance 5).",
         "",
-        "| method | steps | runs | identity | pattern | outline | embedding cos | alignment | norm / init | train s |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| method | steps | runs | images | identity | pattern | outline | embedding cos | alignment | norm / init "
+        "| train s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in table:
         cols = " | ".join(f"{r[m]:.3f}" for m in METRICS)
         extra = f"{r['norm_ratio']:.2f} | {r['seconds']:.0f}" if "norm_ratio" in r else "- | -"
-        lines.append(f"| {r['method']} | {r['steps']} | {r['runs']} | {cols} | {extra} |")
+        lines.append(f"| {r['method']} | {r['steps']} | {r['runs']} | {r['images']} | {cols} | {extra} |")
     lines.append("")
     (RESULTS / "personalization.md").write_text("\n".join(lines))
     print("\n".join(lines))

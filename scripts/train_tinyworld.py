@@ -423,7 +423,7 @@ def main() -> None:
         choices=("zero_residual", "default"),
         default="zero_residual",
         help="zero_residual: every residual branch's last layer and the output conv start at zero, as SD's own"
-        " training code starts them; default: diffusers' (PyTorch's) init, as the first bundled model was trained",
+        " training code starts them; default: diffusers' (PyTorch's) init, as Tiny World 1 was trained",
     )
     p.add_argument(
         "--shapes_batch_size",
@@ -453,7 +453,7 @@ def main() -> None:
         type=float,
         default=0.5,
         help="share of objects whose pattern is named in a caption, and (drawn apart) whose outline is; the others"
-        " leave them to the model. 0 gives the first bundled model's captions",
+        " leave them to the model. 0 gives Tiny World 1's captions",
     )
     p.add_argument(
         "--latent_norm",

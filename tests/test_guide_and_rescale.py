@@ -197,9 +197,14 @@ def test_an_fp16_edit_stays_close_to_the_fp32_edit(tinyworld_pipe, scene_image):
     # without AVX-512), and the comparison would measure that chaos rather than the fp16 path.
     kwargs = dict(num_inference_steps=10, guidance_scale=5.0, guided_fraction=0.2, output_type="latent")
     edited_half, edited_full = (pipe(*args, **kwargs).images for pipe in (half, full))
-    cfg = full(*args, self_attn_scale=0.0, feature_scale=0.0, **kwargs).images
+    no_guiders = dict(kwargs, self_attn_scale=0.0, feature_scale=0.0)
+    cfg_half, cfg_full = (pipe(*args, **no_guiders).images for pipe in (half, full))
     assert edited_half.dtype == torch.float16 and torch.isfinite(edited_half).all()
-    assert (edited_half.float() - edited_full).norm() < 0.2 * (edited_full - cfg).norm()
+    fp16_error = (edited_half.float() - edited_full).norm()
+    # The fp16 edit's error is at most twice the rounding of fp16 sampling without guiders, and well inside what
+    # the guiders change.
+    assert fp16_error < 2 * (cfg_half.float() - cfg_full).norm()
+    assert fp16_error < 0.5 * (edited_full - cfg_full).norm()
 
 
 # --- pipelines -------------------------------------------------------------------------------------------------------

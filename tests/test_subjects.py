@@ -35,6 +35,16 @@ def test_cases_are_new_contexts_and_say_what_they_ask():
 
 
 @pytest.mark.parametrize("name", list(SUBJECTS))
+def test_the_full_description_names_every_identity_attribute_and_the_words_only_two(name):
+    subject = SUBJECTS[name]
+    (described,) = parse_prompt(f"a {subject.description} on the left").objects
+    (worded,) = parse_prompt(f"a {subject.words} on the left").objects
+    identity = {"shape": subject.shape, "color": subject.color, "pattern": subject.pattern, "outline": subject.outline}
+    assert {k: described[k] for k in identity} == identity
+    assert {k: worded.get(k) for k in identity} == {**identity, "pattern": None, "outline": None}
+
+
+@pytest.mark.parametrize("name", list(SUBJECTS))
 def test_perfect_renders_score_full_identity_and_alignment(evaluator, name):
     subject = SUBJECTS[name]
     cases = evaluation_cases(subject)

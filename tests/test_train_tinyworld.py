@@ -46,6 +46,7 @@ def test_train_script_writes_a_loadable_pipeline_and_resumes(tmp_path):
 
 
 def test_the_unet_layout_places_transformer_blocks_and_heads_per_level():
+    from genreg.tinyworld import model_path
     from genreg.tinyworld.architecture import build_unet
 
     unet = build_unet()  # Tiny World 2: transformer blocks at every level, 16x16 included as SD 1.x places them
@@ -56,11 +57,12 @@ def test_the_unet_layout_places_transformer_blocks_and_heads_per_level():
     sd_like = build_unet((32, 64, 96), (True, True, False), heads=2)  # convolutional lowest level, as SD 1.x
     assert sd_like.config.down_block_types[-1] == "DownBlock2D" and sd_like.config.up_block_types[0] == "UpBlock2D"
     assert sd_like.down_blocks[0].attentions[0].transformer_blocks[0].attn1.heads == 2
-    first = build_unet((32, 64, 128), (False, True, True), heads=4)  # the first bundled model's layout
+    first = build_unet((32, 64, 128), (False, True, True), heads=4)  # Tiny World 1's layout
     assert first.config.down_block_types[0] == "DownBlock2D" and first.config.up_block_types[-1] == "UpBlock2D"
-    bundled = UNet2DConditionModel.from_pretrained("genreg/tinyworld/model", subfolder="unet")
-    assert first.config.block_out_channels == tuple(bundled.config.block_out_channels)
-    assert sum(p.numel() for p in first.parameters()) == sum(p.numel() for p in bundled.parameters())
+    bundled = UNet2DConditionModel.from_pretrained(model_path(), subfolder="unet")  # the default layout, trained
+    keys = ("block_out_channels", "down_block_types", "up_block_types", "attention_head_dim")
+    assert [list(unet.config[k]) for k in keys] == [list(bundled.config[k]) for k in keys]
+    assert sum(p.numel() for p in unet.parameters()) == sum(p.numel() for p in bundled.parameters())
     with pytest.raises(ValueError, match="one attention flag and head count per level"):
         build_unet(widths=(32, 64), attention=(True, True, True))
 

@@ -140,9 +140,9 @@ def build_unet(
     where SD's self-attention carries the layout and detail that attention-based editing (Guide-and-Rescale's
     energies) and personalization act on, and at the two levels below. With a convolutional 96-wide lowest level
     (``build_unet((32, 64, 96), (True, True, False), 2)``) shape stayed at chance for 5,000 steps of the recipe; this
-    layout read it at 0.84 by 8,000 (README). The first bundled model's UNet is ``build_unet((32, 64, 128), (False,
-    True, True), 4)``. On a two-core CPU, 8-wide heads at the top level cost 1.5x more per step than one 32-wide head
-    (SDPA's CPU kernel)."""
+    layout read it at 0.84 by 8,000 (README). Tiny World 1's UNet (the bundled model before) is
+    ``build_unet((32, 64, 128), (False, True, True), 4)``. On a two-core CPU, 8-wide heads at the top level cost 1.5x
+    more per step than one 32-wide head (SDPA's CPU kernel)."""
     heads = (heads,) * len(widths) if isinstance(heads, int) else tuple(heads)
     if not len(widths) == len(attention) == len(heads):
         raise ValueError(f"one attention flag and head count per level: widths {widths}, {attention}, heads {heads}")

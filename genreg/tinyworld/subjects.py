@@ -1,9 +1,10 @@
 """Subject kits: the shared yardstick of the personalization methods.
 
-A subject is one object with fixed shape, colour, fill pattern and outline. Pattern and outline are never named by
-captions, so words alone cannot summon the subject: only a learned token can. A kit holds K reference renders in
-varied positions and sizes (captions with ``{}`` where the token goes) and evaluation cases that put the subject in
-new contexts: the center (never a reference position), a black background, and beside a second object.
+A subject is one object with fixed shape, colour, fill pattern and outline. The kit's captions and the words a user
+would type (``Subject.words``) leave pattern and outline out, so those words alone do not summon the subject: a learnt
+token must carry them (``Subject.description`` names them too, the upper bound of text). A kit holds K reference
+renders in varied positions and sizes (captions with ``{}`` where the token goes) and evaluation cases that put the
+subject in new contexts: the center (never a reference position), a black background, and beside a second object.
 
 Metrics (:func:`score_subject`): *identity*, the evaluator reads the subject's four attributes (named and unnamed)
 on the object where the prompt put it, or on the closest object when nothing is there; plus the evaluator-embedding
@@ -21,7 +22,7 @@ import numpy as np
 import torch
 
 from .render import render
-from .world import POSITION_PHRASES, Obj, Scene, object_phrase
+from .world import DETAIL_WORDS, POSITION_PHRASES, Obj, Scene, object_phrase
 
 IDENTITY_ATTRIBUTES = ("shape", "color", "pattern", "outline")
 REFERENCE_LAYOUTS = (("left", "small"), ("right", "large"), ("top", "large"), ("bottom", "small"))
@@ -40,8 +41,14 @@ class Subject:
 
     @property
     def words(self) -> str:
-        """What words alone can say about the subject: colour and shape."""
+        """What a user would type for the subject: colour and shape."""
         return f"{self.color} {self.shape}"
+
+    @property
+    def description(self) -> str:
+        """Every identity attribute in words, as captions name details ("outlined striped orange star"): the upper
+        bound of what text can say about the subject."""
+        return f"{DETAIL_WORDS['outline'][self.outline]} {DETAIL_WORDS['pattern'][self.pattern]} {self.words}"
 
 
 SUBJECTS = {

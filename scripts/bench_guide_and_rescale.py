@@ -28,9 +28,11 @@ import shlex
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import PIL.Image
+import PIL.ImageDraw
 import torch
 from diffusers import StableDiffusionImg2ImgPipeline, StableDiffusionPipeline
 from tqdm import tqdm
@@ -51,6 +53,7 @@ from genreg.tinyworld.edits import (
     preservation,
     sample_edits,
 )
+from genreg.tinyworld.world import POSITION_PHRASES
 
 RESULTS = Path(__file__).resolve().parents[1] / "bench" / "results"
 BASELINE = "DDIM inversion + CFG"
@@ -177,6 +180,84 @@ def summarize(edits: list[dict], seconds: list[float] | None, labels: list[str])
         summary["seconds_per_edit"] = float(np.mean(seconds))
         summary["seconds"] = float(np.sum(seconds))
     return summary
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Edits of images the renderer did not draw
+
+
+class DrawnEdit(NamedTuple):
+    """A plain shape drawn with PIL (pure white ground, flat colour, no anti-aliasing, off the renderer's centres and
+    radii) and a recolouring of it. Duck-types the prompts of an ``EditCase`` for the rows' editors."""
+
+    shape: str
+    color: str
+    new_color: str
+    box: tuple[int, int, int, int]  # left, top, right, bottom
+    position: str
+    rgb: tuple[int, int, int]
+
+    @property
+    def source_prompt(self) -> str:
+        return f"a large {self.color} {self.shape} {POSITION_PHRASES[self.position][0]}"
+
+    @property
+    def target_prompt(self) -> str:
+        return f"a large {self.new_color} {self.shape} {POSITION_PHRASES[self.position][0]}"
+
+    def draw(self) -> tuple[PIL.Image.Image, np.ndarray]:
+        image = PIL.Image.new("RGB", (64, 64), (255, 255, 255))
+        draw = PIL.ImageDraw.Draw(image)
+        left, top, right, bottom = self.box
+        if self.shape == "circle":
+            draw.ellipse(self.box, fill=self.rgb)
+        elif self.shape == "square":
+            draw.rectangle(self.box, fill=self.rgb)
+        elif self.shape == "triangle":
+            draw.polygon([((left + right) / 2, top), (right, bottom), (left, bottom)], fill=self.rgb)
+        elif self.shape == "diamond":
+            mx, my = (left + right) / 2, (top + bottom) / 2
+            draw.polygon([(mx, top), (right, my), (mx, bottom), (left, my)], fill=self.rgb)
+        else:
+            raise ValueError(f"no drawing for {self.shape!r}")
+        return image, foreground(np.asarray(image), (255, 255, 255))
+
+
+DRAWN_EDITS = (
+    DrawnEdit("circle", "red", "blue", (5, 19, 29, 43), "left", (220, 40, 30)),
+    DrawnEdit("square", "blue", "yellow", (37, 21, 58, 42), "right", (30, 60, 200)),
+    DrawnEdit("triangle", "green", "red", (20, 3, 45, 27), "top", (40, 170, 60)),
+    DrawnEdit("diamond", "purple", "orange", (19, 36, 44, 61), "bottom", (130, 50, 170)),
+)
+
+
+def foreground(image: np.ndarray, ground: tuple[int, int, int], threshold: float = 60.0) -> np.ndarray:
+    """(H, W) bool: pixels farther than ``threshold`` (RGB distance) from the ground colour."""
+    return np.linalg.norm(image.astype(np.float64) - np.asarray(ground, np.float64), axis=-1) > threshold
+
+
+def score_drawn(evaluator: Evaluator, images: list[np.ndarray], edits=DRAWN_EDITS, min_iou: float = 0.7) -> dict:
+    """Per drawn edit: recoloured (the evaluator reads the new colour on the object), its shape still read, and
+    place and outline kept (the object's pixels against the drawing's: IoU >= ``min_iou``)."""
+    out = []
+    for case, image, reading in zip(edits, images, evaluator.read(np.stack(images)), strict=True):
+        got = reading.objects.get(case.position) or next(iter(reading.objects.values()), None)
+        drawn = case.draw()[1]
+        # the edited image's ground is read from its border (the model may whiten or grey the paper)
+        ground = tuple(np.median(np.concatenate([image[0], image[-1], image[:, 0], image[:, -1]]), axis=0))
+        mask = foreground(image, ground)
+        iou = float((mask & drawn).sum() / max((mask | drawn).sum(), 1))
+        recoloured = got is not None and got["color"] == case.new_color
+        out.append(
+            {
+                "edit": f"{case.color} {case.shape} -> {case.new_color}",
+                "recoloured": recoloured,
+                "shape_read": None if got is None else got["shape"],
+                "iou": iou,
+                "kept_and_recoloured": recoloured and iou >= min_iou,
+            }
+        )
+    return {"edits": out, "kept_and_recoloured": sum(e["kept_and_recoloured"] for e in out)}
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -380,6 +461,18 @@ def main() -> None:
             images[name].append(run(k, case, source, args.steps))
             seconds[name].append(time.perf_counter() - start)
 
+    drawn_sources = [case.draw()[0] for case in DRAWN_EDITS]
+    drawn = {
+        name: score_drawn(
+            evaluator,
+            [
+                run(len(cases) + i, case, source, args.steps)
+                for i, (case, source) in enumerate(zip(DRAWN_EDITS, drawn_sources, strict=True))
+            ],
+        )
+        for name, run in rows.items()
+    }
+
     results, per_edit = {}, {}
     for name in rows:
         scored = score(evaluator, np.stack(images[name]), cases, source_arrays, regions)
@@ -445,6 +538,7 @@ def main() -> None:
                     "references": references,
                     "memory": memory,
                     "criteria": [{"check": c, "met": ok} for c, ok in checks],
+                    "drawn_edits": drawn,
                     "edits": [
                         {
                             "label": c.label,
@@ -471,12 +565,12 @@ def main() -> None:
             [np.concatenate([c[i] for c in columns], axis=1) for i in range(min(args.examples, len(cases)))]
         )
         PIL.Image.fromarray(grid).save(args.results_dir / f"{args.name}_examples.png")
-    md = markdown(command_line(p, args), args, results, references, memory, checks, pipe.scheduler.config)
+    md = markdown(command_line(p, args), args, results, references, memory, checks, pipe.scheduler.config, drawn)
     (args.results_dir / f"{args.name}.md").write_text(md)
     print(md)
 
 
-def markdown(command: str, args, results, references, memory, checks, scheduler_config) -> str:
+def markdown(command: str, args, results, references, memory, checks, scheduler_config, drawn) -> str:
     groups = list(next(iter(results.values()))["by_group"])
     lines = [
         "# Guide-and-Rescale benchmark",
@@ -526,6 +620,21 @@ def markdown(command: str, args, results, references, memory, checks, scheduler_
             for g in groups
         ]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        "## Edits of images the renderer did not draw",
+        "",
+        "Plain shapes drawn with PIL (pure white ground, flat colour, no anti-aliasing, off the renderer's centres "
+        "and sizes), each recoloured with prompts that name only shape, colour, size and position. Kept: the "
+        "evaluator reads the new colour and the object's pixels overlap the drawing's with IoU >= 0.7 (place and "
+        "outline). Cells: recoloured / IoU / shape read.",
+        "",
+        "| row | kept and recoloured | " + " | ".join(e["edit"] for e in next(iter(drawn.values()))["edits"]) + " |",
+        "|---|---|" + "---|" * len(DRAWN_EDITS),
+    ]
+    for name, d in drawn.items():
+        cells = [f"{'yes' if e['recoloured'] else 'no'} / {e['iou']:.2f} / {e['shape_read']}" for e in d["edits"]]
+        lines.append(f"| {name} | {d['kept_and_recoloured']} of {len(d['edits'])} | " + " | ".join(cells) + " |")
     checked = list(next(iter(results.values()))["by_check"])
     lines += [
         "",

@@ -564,7 +564,7 @@ def test_gar_preserves_the_unedited_part_better_than_inversion_and_cfg(tinyworld
     assert np.mean(psnr["gar"]) > np.mean(psnr["cfg"]), psnr
 
 
-def test_the_benchmark_reads_gar_variants_in_the_cli_flags_and_refuses_bad_ones():
+def load_bench():
     import importlib.util
     from pathlib import Path
 
@@ -572,6 +572,11 @@ def test_the_benchmark_reads_gar_variants_in_the_cli_flags_and_refuses_bad_ones(
     spec = importlib.util.spec_from_file_location("bench_guide_and_rescale", path)
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
+    return bench
+
+
+def test_the_benchmark_reads_gar_variants_in_the_cli_flags_and_refuses_bad_ones():
+    bench = load_bench()
     assert bench.gar_variant("local --guided-fraction 1 --self-attn-levels 1 2") == (
         "local",
         {"guided_fraction": 1.0, "self_attn_levels": (1, 2)},
@@ -585,6 +590,21 @@ def test_the_benchmark_reads_gar_variants_in_the_cli_flags_and_refuses_bad_ones(
     ):
         with pytest.raises(SystemExit, match=re.escape(message)):
             bench.gar_variant(spec_text)
+
+
+def test_drawn_edits_are_read_as_drawn_and_scored_by_colour_and_overlap(evaluator):
+    from genreg.tinyworld.world import COLORS
+
+    bench = load_bench()
+    sources = [np.asarray(case.draw()[0]) for case in bench.DRAWN_EDITS]
+    for case, reading in zip(bench.DRAWN_EDITS, evaluator.read(np.stack(sources)), strict=True):
+        want = {"shape": case.shape, "color": case.color, "size": "large", "pattern": "solid", "outline": "none"}
+        assert reading.objects == {case.position: want}
+    recoloured = [np.asarray(c._replace(rgb=COLORS[c.new_color]).draw()[0]) for c in bench.DRAWN_EDITS]
+    assert bench.score_drawn(evaluator, recoloured)["kept_and_recoloured"] == 4
+    assert bench.score_drawn(evaluator, sources)["kept_and_recoloured"] == 0  # nothing recoloured
+    moved = [np.roll(image, 12, axis=1) for image in recoloured]  # recoloured, but not in place
+    assert all(e["iou"] < 0.7 for e in bench.score_drawn(evaluator, moved)["edits"])
 
 
 def test_the_probe_sees_no_guider_on_the_first_step_and_a_clamped_one_after(tmp_path):

@@ -437,6 +437,8 @@ def main() -> None:
     args = p.parse_args()
     if args.edits < 1 or args.steps < 2:
         p.error("--edits must be >= 1 and --steps >= 2")
+    if not args.name or Path(args.name).name != args.name or args.name in (".", ".."):
+        p.error(f"--name is a file stem inside --results_dir (e.g. guide_and_rescale_named), not {args.name!r}")
     variants = {spec: gar_variant(spec) for spec in args.gar_variants}  # refused before the model loads
     torch.set_num_threads(args.threads)
 

@@ -592,6 +592,19 @@ def test_the_benchmark_reads_gar_variants_in_the_cli_flags_and_refuses_bad_ones(
             bench.gar_variant(spec_text)
 
 
+@pytest.mark.parametrize("name", ["", "../elsewhere", "sub/dir"])
+def test_the_benchmark_refuses_a_results_name_that_is_not_a_file_stem(tmp_path, name):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).parents[1] / "scripts" / "bench_guide_and_rescale.py"
+    cmd = [sys.executable, str(script), "--name", name, "--results_dir", str(tmp_path)]
+    run = subprocess.run(cmd, capture_output=True, text=True)
+    assert run.returncode == 2 and "--name is a file stem inside --results_dir" in run.stderr
+    assert not any(tmp_path.iterdir())
+
+
 def test_drawn_edits_are_read_as_drawn_and_scored_by_colour_and_overlap(evaluator):
     from genreg.tinyworld.world import COLORS
 

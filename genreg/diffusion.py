@@ -23,15 +23,21 @@ def noise_and_timesteps(seeds: torch.Tensor, shape: tuple[int, ...], num_train_t
     return torch.stack(noise).to(device, dtype), torch.tensor(steps, device=device)
 
 
-def diffusion_loss(unet, vae, scheduler, batch: dict, cond: torch.Tensor) -> torch.Tensor:
-    """||target - net(z_t, t, c)||^2 over ``batch["pixel_values"]``, each sample noised from ``batch["seed"]``."""
+def noised_batch(unet, vae, scheduler, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(z_t, t, target) of ``batch["pixel_values"]``, each sample noised from its own ``batch["seed"]``."""
     with torch.no_grad():
         x0 = encode_latents(vae, batch["pixel_values"]).to(unet.dtype)
     noise, t = noise_and_timesteps(
         batch["seed"], x0.shape[1:], scheduler.config.num_train_timesteps, x0.device, x0.dtype
     )
-    pred = unet(scheduler.add_noise(x0, noise, t), t, cond.to(unet.dtype)).sample
-    return F.mse_loss(pred.float(), diffusion_target(scheduler, x0, noise, t).float())
+    return scheduler.add_noise(x0, noise, t), t, diffusion_target(scheduler, x0, noise, t)
+
+
+def diffusion_loss(unet, vae, scheduler, batch: dict, cond: torch.Tensor) -> torch.Tensor:
+    """||target - net(z_t, t, c)||^2 over ``batch["pixel_values"]``, each sample noised from ``batch["seed"]``."""
+    z_t, t, target = noised_batch(unet, vae, scheduler, batch)
+    pred = unet(z_t, t, cond.to(unet.dtype)).sample
+    return F.mse_loss(pred.float(), target.float())
 
 
 class FineTuneObjective(torch.nn.Module):

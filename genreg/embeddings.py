@@ -23,7 +23,7 @@ from .config import option
 from .diffusion import diffusion_loss
 from .io import atomic_write
 from .training import TrainConfig, fit, process_state
-from .training.data import TEMPLATES, ImageDataConfig, check_caption
+from .training.data import TEMPLATES, ImageDataConfig, ImageFolder, check_caption
 
 EMBEDS_FILE = "learned_embeds.safetensors"
 INIT_FILE = "initial_embeds.safetensors"  # v^0, kept beside the result to show how far training moved it
@@ -64,6 +64,19 @@ def add_placeholder(tokenizer, text_encoder, token: str, num_vectors: int) -> li
 def prompt_with(template: str, token: str, num_vectors: int) -> str:
     """Fills ``{}`` with the placeholder spelt out as all its tokens (what ``maybe_convert_prompt`` does)."""
     return template.format(" ".join(placeholder_names(token, num_vectors)))
+
+
+def single_token_id(tokenizer, word: str) -> int:
+    ids = tokenizer(word, add_special_tokens=False).input_ids
+    if len(ids) != 1:
+        raise ValueError(f"{word!r} is {len(ids)} tokens for this tokenizer; the initializer must be a single token")
+    return ids[0]
+
+
+def initializer_vectors(text_encoder, tokenizer, word: str, num_vectors: int) -> torch.Tensor:
+    """Every vector starts as the input embedding of ``word`` (diffusers' textual inversion)."""
+    row = text_encoder.get_input_embeddings().weight[single_token_id(tokenizer, word)]
+    return row.detach().float().cpu().expand(num_vectors, -1).clone()
 
 
 class PlaceholderVectors(nn.Module):
@@ -173,11 +186,16 @@ def train_embedding(
     train: TrainConfig,
     init: Callable[[PlaceholderVectors], torch.Tensor],
     regularizer: Regularizer | None = None,
+    *,
+    objective: Callable[[PlaceholderVectors, ImageFolder], nn.Module] | None = None,
+    extra: Callable[[PlaceholderVectors], Callable[[int, int], dict]] | None = None,
     **fit_kwargs,
 ) -> Path:
     """Adds ``config.placeholder_token`` to ``pipe``, trains its vectors from ``init(placeholder)``, saves them.
 
-    The loss is the diffusion loss plus ``regularizer(v, v^0)`` when given (``None``: plain textual inversion).
+    The loss is the diffusion loss plus ``regularizer(v, v^0)`` when given (``None``: plain textual inversion), or a
+    method's own ``objective(placeholder, data)``; ``extra(placeholder)`` returns ``fields(step, index)``, which adds
+    a method's fields to each sample (built once the placeholder's tokens exist).
 
     Returns the path of ``learned_embeds.safetensors`` in ``train.output_dir``; each ``checkpoint-N/`` holds one
     too, and ``initial_embeds.safetensors`` keeps the initial vectors. On return ``pipe`` generates with the token.
@@ -190,7 +208,25 @@ def train_embedding(
     placeholder = PlaceholderVectors(text_encoder, ids, text_encoder.get_input_embeddings().weight[ids])
     with torch.no_grad():
         placeholder.vectors.copy_(init(placeholder))
-    objective = EmbeddingObjective(pipe, placeholder, regularizer).to(pipe.device)
+    built = objective(placeholder, data) if objective else EmbeddingObjective(pipe, placeholder, regularizer)
+    fields = extra(placeholder) if extra is not None else None
+    return fit_vectors(pipe, placeholder, built, data, config, train, fields, **fit_kwargs)
+
+
+def fit_vectors(
+    pipe,
+    placeholder: PlaceholderVectors,
+    objective: nn.Module,
+    data: ImageFolder,
+    config: EmbeddingConfig,
+    train: TrainConfig,
+    extra: Callable[[int, int], dict] | None = None,
+    **fit_kwargs,
+) -> Path:
+    """Trains ``placeholder``'s vectors under ``objective`` on the shared loop, writes them into the text encoder and
+    saves ``learned_embeds.safetensors`` (and ``initial_embeds.safetensors``) in ``train.output_dir``."""
+    tokenizer, text_encoder = pipe.tokenizer, pipe.text_encoder
+    objective = objective.to(pipe.device)
     token = config.placeholder_token
     # What a resumed run must share with this one (where the images are may change; validation does not matter).
     kept = {k: v for k, v in dataclasses.asdict(config).items() if k not in ("train_data_dir", "validation_prompt")}
@@ -202,12 +238,13 @@ def train_embedding(
     names = " ".join(placeholder_names(token, config.num_vectors))
 
     def sample(step: int, index: int) -> dict:
-        return data.sample(tokenizer, train.seed, step, index, names)
+        example = data.sample(tokenizer, train.seed, step, index, names)
+        return example | extra(step, index) if extra is not None else example
 
-    def export(core: EmbeddingObjective, directory: Path) -> None:
+    def export(core: nn.Module, directory: Path) -> None:
         save_learned_embeds(directory / EMBEDS_FILE, token, core.placeholder.vectors)
 
-    def validate(core: EmbeddingObjective, step: int) -> None:
+    def validate(core: nn.Module, step: int) -> None:
         from .io import image_grid, save_image
 
         prompt = prompt_with(config.validation_prompt, token, config.num_vectors)

@@ -3,3 +3,6 @@ registration in ``genreg.registry``. Importing this package registers every meth
 list them."""
 
 from . import adaptive_guidance, cross_init, guide_and_rescale, memcontrol, sara, score_forgetting, textual_inversion  # noqa: F401
+
+# isort: split
+from . import core  # noqa: F401  (after the embedding baselines it builds on, where the surfaces list it)

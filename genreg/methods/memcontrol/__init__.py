@@ -3,9 +3,9 @@ rate) so that the model learns the fine-tuning set without copying it; two objec
 
 from __future__ import annotations
 
+from ...adapters import FAMILIES, add_adapter, applied, attention_blocks, selected, target_pattern
 from ...registry import Method, register
-from .blocks import FAMILIES, add_adapter, attention_blocks, selected, target_pattern
-from .finetune import MemControlFinetuneConfig, applied, choose, finetune_memcontrol, knee, parse_mask, quality_key
+from .finetune import MemControlFinetuneConfig, choose, finetune_memcontrol, knee, parse_mask, quality_key
 from .search import (
     OBJECTIVES,
     QUALITIES,

@@ -7,25 +7,16 @@ as a plain diffusers ``unet/`` folder (``UNet2DConditionModel.from_pretrained(ou
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-from torch import nn
-
+from ...adapters import FAMILIES, save_result
 from ...config import option
-from ...io import atomic_write
 from ...training import TrainConfig
 from ...training.data import ImageDataConfig
-from .blocks import FAMILIES
 from .search import QUALITIES, tune_copy
-
-LORA_FILE = "pytorch_lora_weights.safetensors"
-ADAPTER = "memcontrol"
 
 
 def parse_mask(text: str) -> list[int]:
@@ -105,56 +96,3 @@ def finetune_memcontrol(pipe, config: MemControlFinetuneConfig, train: TrainConf
     settings = {"method": "memcontrol-finetune", "mask": mask, "family": config.family, "rank": config.lora_rank}
     tuned, _, _ = tune_copy(pipe, data, mask, config.family, config.lora_rank, train, settings=settings, **fit_kwargs)
     return save_result(tuned, config.family, Path(train.output_dir))
-
-
-def save_result(pipe, family: str, output_dir: Path) -> Path:
-    """LoRA: ``pytorch_lora_weights.safetensors``; IA3: the scales merged into a plain ``unet/`` folder."""
-    from peft.utils import get_peft_model_state_dict
-
-    output_dir.mkdir(parents=True, exist_ok=True)
-    if family == "lora":
-        layers = get_peft_model_state_dict(pipe.unet)
-        type(pipe).save_lora_weights(output_dir, unet_lora_layers=layers, safe_serialization=True)
-        return output_dir / LORA_FILE
-    for module in pipe.unet.modules():  # peft's tuner layers merge their scales into the base weight
-        if hasattr(module, "merge") and hasattr(module, "base_layer"):
-            module.merge()
-    plain = {k.replace(".base_layer", ""): v for k, v in pipe.unet.state_dict().items() if "ia3_l" not in k}
-    unet = type(pipe.unet).from_config(pipe.unet.config)
-    unet.load_state_dict(plain)
-    atomic_write(output_dir / "unet", lambda tmp: unet.save_pretrained(tmp, safe_serialization=True))
-    return output_dir / "unet"
-
-
-@contextlib.contextmanager
-def applied(unet: nn.Module, result: str | Path, alpha: float = 1.0) -> Iterator[nn.Module]:
-    """``unet`` with a stage-2 result (LoRA weights or a merged ``unet/``) at strength ``alpha``, and exactly as it
-    was after the block."""
-    result = Path(result)
-    if result.is_file():
-        flags = {name: p.requires_grad for name, p in unet.named_parameters()}
-        unet.load_lora_adapter(str(result), adapter_name=ADAPTER, prefix="unet")
-        try:
-            unet.set_adapters([ADAPTER], weights=[alpha])
-            yield unet
-        finally:
-            unet.delete_adapters(ADAPTER)
-            if not getattr(unet, "peft_config", None):  # no other adapter: the plain modules back
-                unet.unload_lora()
-            for name, p in unet.named_parameters():  # loading an adapter freezes the base weights
-                p.requires_grad_(flags.get(name, p.requires_grad))
-        return
-    from safetensors.torch import load_file
-
-    tuned = load_file(str(result / "diffusion_pytorch_model.safetensors"))
-    changed = {k: p for k, p in unet.state_dict().items() if k in tuned and not torch.equal(p, tuned[k].to(p))}
-    saved = {k: p.clone() for k, p in changed.items()}
-    with torch.no_grad():
-        for k, p in changed.items():
-            p.lerp_(tuned[k].to(p), alpha)
-    try:
-        yield unet
-    finally:
-        with torch.no_grad():
-            for k, p in changed.items():
-                p.copy_(saved[k])

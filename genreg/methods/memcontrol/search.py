@@ -21,13 +21,13 @@ from pathlib import Path
 import torch
 from PIL import Image, ImageDraw
 
+from ...adapters import FAMILIES, add_adapter, attention_blocks
 from ...config import option
 from ...diffusion import FineTuneObjective
 from ...io import atomic_write_text
 from ...metrics import frechet_distance, teacher_forced_noise_norm
 from ...training import TrainConfig, fit
 from ...training.data import ImageDataConfig, ImageFolder
-from .blocks import FAMILIES, add_adapter, attention_blocks
 
 logger = logging.getLogger(__name__)
 

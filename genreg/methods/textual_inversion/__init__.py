@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from ...config import option
-from ...embeddings import EmbeddingConfig, PlaceholderVectors, train_embedding
+from ...embeddings import EmbeddingConfig, PlaceholderVectors, initializer_vectors, single_token_id, train_embedding
 from ...registry import Method, register
 from ...training import TrainConfig
 
@@ -16,19 +16,6 @@ from ...training import TrainConfig
 @dataclass
 class TextualInversionConfig(EmbeddingConfig):
     initializer_token: str = option("object", "a single-token word whose embedding every vector starts from")
-
-
-def single_token_id(tokenizer, word: str) -> int:
-    ids = tokenizer(word, add_special_tokens=False).input_ids
-    if len(ids) != 1:
-        raise ValueError(f"{word!r} is {len(ids)} tokens for this tokenizer; the initializer must be a single token")
-    return ids[0]
-
-
-def initializer_vectors(text_encoder, tokenizer, word: str, num_vectors: int) -> torch.Tensor:
-    """Every vector starts as the input embedding of ``word`` (diffusers' textual inversion)."""
-    row = text_encoder.get_input_embeddings().weight[single_token_id(tokenizer, word)]
-    return row.detach().float().cpu().expand(num_vectors, -1).clone()
 
 
 def train_textual_inversion(pipe, config: TextualInversionConfig, train: TrainConfig, **fit_kwargs) -> Path:

@@ -69,7 +69,10 @@ def prompt_with(template: str, token: str, num_vectors: int) -> str:
 def single_token_id(tokenizer, word: str) -> int:
     ids = tokenizer(word, add_special_tokens=False).input_ids
     if len(ids) != 1:
-        raise ValueError(f"{word!r} is {len(ids)} tokens for this tokenizer; the initializer must be a single token")
+        raise ValueError(
+            f"{word!r} is {len(ids)} tokens for this tokenizer; the initializer (or category) word must be a single "
+            "token: choose a one-token word, e.g. 'dog' or 'object'"
+        )
     return ids[0]
 
 

@@ -89,6 +89,15 @@ def tiny_sd_components(seed: int = 0, prediction_type: str = "epsilon") -> dict:
     }
 
 
+def tiny_sd_pipeline(seed: int = 0, prediction_type: str = "epsilon"):
+    """A ``StableDiffusionPipeline`` of :func:`tiny_sd_components`, its progress bar off."""
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline(**tiny_sd_components(seed, prediction_type))
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
 def tiny_sdxl_components(seed: int = 0) -> dict:
     """SDXL-style components: two text encoders (the second with a projection), text-time conditioning; 32x32."""
     torch.manual_seed(seed)

@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+from diffusers import UNet2DConditionModel
 from PIL import Image
 
 from genreg.attention import AttentionRecord
-from genreg.embeddings import INIT_FILE, PlaceholderVectors, add_placeholder, load_learned_embeds
+from genreg.embeddings import INIT_FILE, PlaceholderVectors, add_placeholder, load_learned_embeds, placeholder_names
 from genreg.methods.core import (
     Contexts,
     CoReConfig,
@@ -25,18 +25,12 @@ from genreg.methods.core import (
     train_core,
     tune_for_prompt,
 )
-from genreg.methods.core.trainer import UNET_STAGE
-from genreg.testing import tiny_sd_components
+from genreg.methods.core.trainer import TEST_TIME, UNET_STAGE
+from genreg.testing import tiny_sd_pipeline as tiny_pipe
 from genreg.tinyworld.subjects import SUBJECTS, evaluation_cases
 from genreg.training import TrainConfig, list_checkpoints
 
 CONTEXTS = ["a {} on the left", "a large {} at the top and a blue square at the bottom", "a small {} on the right"]
-
-
-def tiny_pipe() -> StableDiffusionPipeline:
-    pipe = StableDiffusionPipeline(**tiny_sd_components(0))
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
 
 
 @pytest.fixture
@@ -69,6 +63,7 @@ def train_config(tmp_path, name: str = "out", **kwargs) -> TrainConfig:
 def test_context_positions_take_the_first_end_token_and_skip_the_subject():
     ids = [0, 5, 9, 9, 6, 1, 1, 1]  # SOT, "a", subject (2 tokens), "x", EOT, padding = EOT (SD 1.x)
     assert context_positions(ids, 2, 2, eos_id=1) == [0, 1, 4, 5]
+    assert context_positions([0, 5, 9, 6, 1, 7, 7], 2, 1, eos_id=1) == [0, 1, 3, 4]  # SD 2.x pads with "!"
     with pytest.raises(ValueError, match="too long"):
         context_positions([0, 5, 9, 6], 2, 1, eos_id=1)
 
@@ -117,6 +112,16 @@ def test_attention_means_heads_and_pixels_then_layers_and_loss_is_eq4():
     assert context_attention_loss(other, mu, mask, mask).item() == pytest.approx(0.0)
     other[:, 2] += 0.5
     assert context_attention_loss(other, mu, mask, mask).item() == pytest.approx(0.25 / 3)
+
+
+def test_a_context_cut_by_the_tokenizer_under_more_vectors_is_refused():
+    pipe = tiny_pipe()
+    names = placeholder_names("<s>", 4)
+    add_placeholder(pipe.tokenizer, pipe.text_encoder, "<s>", 4)
+    long = "a {} " + "and a red circle on the left " * 10 + "at the top"  # fits under the category, not 4 vectors
+    assert len(pipe.tokenizer(long.format("circle")).input_ids) == 77
+    with pytest.raises(ValueError, match="shorten it"):
+        Contexts(pipe.tokenizer, [long.strip()], names, "circle")
 
 
 def test_tinyworld_contexts_leave_the_benchmark_prompts_out():
@@ -184,13 +189,25 @@ def test_resume_matches_an_uninterrupted_run_across_the_rescaling_window(tmp_pat
     assert torch.equal(load_learned_embeds(whole)[1], load_learned_embeds(resumed)[1])
 
 
+def test_a_stop_in_stage1_skips_the_later_stages_until_the_run_resumes(tmp_path, kit):
+    config = core_config(kit, unet_steps=2, unet_learning_rate=1e-3, tto_prompt="a {} on the left", tto_steps=2)
+    calls, seen = iter(range(100)), []
+    train_core(tiny_pipe(), config, train_config(tmp_path), should_stop=lambda: next(calls) == 2, on_step=None)
+    assert not (tmp_path / "out" / UNET_STAGE).exists() and not (tmp_path / "out" / "unet").exists()
+    resumed = train_config(tmp_path, resume_from_checkpoint="latest")
+    path = train_core(tiny_pipe(), config, resumed, on_step=lambda step, loss: seen.append(step))
+    assert seen == [4, 5, 6, 7, 8, 9, 10]  # stage 1's last steps, then stage 2 and test-time counted on
+    assert (tmp_path / "out" / "unet").is_dir() and path == tmp_path / "out" / TEST_TIME / "learned_embeds.safetensors"
+
+
 def test_stage2_tunes_the_unet_with_the_token_frozen_and_saves_standard_files(tmp_path, kit):
     pipe = tiny_pipe()
     base = {k: v.clone() for k, v in pipe.unet.state_dict().items()}
     path = train_core(pipe, core_config(kit, unet_steps=3, unet_learning_rate=1e-3), train_config(tmp_path))
     tuned = UNet2DConditionModel.from_pretrained(tmp_path / "out", subfolder="unet")
     assert any(not torch.equal(v, tuned.state_dict()[k]) for k, v in base.items())
-    assert [c.name for c in list_checkpoints(tmp_path / "out" / UNET_STAGE)] == ["checkpoint-2", "checkpoint-3"]
+    # a whole UNet's checkpoints are large: stage 2 keeps the newest unless --checkpoints_total_limit says more
+    assert [c.name for c in list_checkpoints(tmp_path / "out" / UNET_STAGE)] == ["checkpoint-3"]
     token_row = pipe.text_encoder.get_input_embeddings().weight[-1]
     assert torch.equal(token_row, load_learned_embeds(path)[1][0])  # stage 2 leaves the token as stage 1 wrote it
 
@@ -214,6 +231,10 @@ def test_test_time_optimization_tunes_a_loaded_token_for_one_prompt(tmp_path, ki
     with pytest.raises(ValueError, match="load_textual_inversion"):
         tune_for_prompt(pipe, config, train, "a {} on the left")
     pipe.load_textual_inversion(str(first.parent))
+    with pytest.raises(ValueError, match="pass its --num_vectors"):
+        tune_for_prompt(pipe, core_config(kit, num_vectors=2), train, "a {} on the left")
+    with pytest.raises(ValueError, match="exactly one"):
+        tune_for_prompt(pipe, config, train, "on the left")
     table = pipe.text_encoder.get_input_embeddings().weight.detach().clone()
     path = tune_for_prompt(pipe, config, train, "a {} on the left")
     before, after = load_learned_embeds(first)[1], load_learned_embeds(path)[1]
@@ -245,12 +266,14 @@ def test_bad_category_and_placeholder_are_refused_before_training(tmp_path, kit,
         (None, {"rescale_start": 0.7, "rescale_end": 0.3}, "rescale_start <= rescale_end"),
         (None, {"tto_prompt": "on the left"}, "exactly one"),
         (None, {"attention_weight": -1.0}, "attention_weight must be >= 0"),
+        (None, {"tto_prompt": "a {}", "embedding_weight": 0.0, "attention_weight": 0.0}, "needs a regularizer"),
+        (None, {"prompt_file": "."}, "cannot read"),
     ],
 )
 def test_bad_settings_are_refused_with_the_fix(tmp_path, kit, text, change, message):
     if text is not None:
         (kit.parent / "contexts.txt").write_bytes(text.encode("latin-1"))
     if "prompt_file" in change:
-        change = {"prompt_file": str(tmp_path / change["prompt_file"])}
+        change = {"prompt_file": str(tmp_path / change["prompt_file"])}  # "." is a folder
     with pytest.raises((ValueError, FileNotFoundError), match=message):
         core_config(kit, **change)

@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from diffusers import StableDiffusionPipeline
 from PIL import Image
 
 from genreg.diffusion import encode_latents, noise_and_timesteps
@@ -25,15 +24,9 @@ from genreg.embeddings import (
 from genreg.methods.cross_init import CrossInitConfig, init_distance, mean_token_rows, train_cross_init
 from genreg.methods.textual_inversion import TextualInversionConfig, train_textual_inversion
 from genreg.sd import diffusion_target
-from genreg.testing import tiny_sd_components
+from genreg.testing import tiny_sd_pipeline as tiny_pipe
 from genreg.training import ImageFolder, TrainConfig, list_checkpoints, resolve_checkpoint, sample_rng
 from genreg.training import checkpoints as checkpoints_module
-
-
-def tiny_pipe(prediction_type: str = "epsilon") -> StableDiffusionPipeline:
-    pipe = StableDiffusionPipeline(**tiny_sd_components(0, prediction_type))
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
 
 
 @pytest.fixture
@@ -121,7 +114,7 @@ def test_checkpoints_total_limit(tmp_path, data_dir):
 
 
 def test_textual_inversion_starts_from_the_initializer_and_learns(tmp_path, data_dir):
-    pipe = tiny_pipe("v_prediction")
+    pipe = tiny_pipe(prediction_type="v_prediction")
     red = pipe.text_encoder.get_input_embeddings().weight[pipe.tokenizer("red", add_special_tokens=False).input_ids[0]]
     config = TextualInversionConfig(train_data_dir=str(data_dir), initializer_token="red", num_vectors=3)
     path = train_textual_inversion(pipe, config, train_config(tmp_path, learning_rate=1e-2))

@@ -269,6 +269,46 @@ def test_personalize_from_uploads_then_generate_with_the_token(app, client, tmp_
             client.predict(embeddings=handle_file(bad), prompt="a star", api_name="/generate_with_token")
 
 
+def test_picking_a_method_puts_in_its_own_defaults_of_shared_fields():
+    import gradio as gr
+    from genreg.ui.forms import MethodForm
+
+    import genreg.methods  # noqa: F401
+    from genreg import registry
+
+    trainers = registry.methods("trainer")
+    with gr.Blocks():
+        form = MethodForm(trainers, lambda m: (m.config,), prefix="t", values={"placeholder_token": "<x>"})
+        form.area("main")
+    assert trainers[0].name == "cross-init" and form.own_defaults("cross-init") == {}
+    assert form.own_defaults("core") == {"num_vectors": 1}  # CoRe's one vector against the shared input's two
+    assert form.own_defaults("textual-inversion") == {}
+
+
+def test_personalize_with_core_samples_with_its_stage2_unet_and_leaves_the_model(app, client):
+    base = app.workspace.base
+    weights = {k: v.clone() for k, v in base.unet.state_dict().items()}
+    gallery, report, embeds, *_ = client.predict(
+        method="core",
+        source="kit",
+        subject=KIT,
+        placeholder_token="<core-subject>",
+        num_vectors=1,
+        max_train_steps=2,
+        unet_steps=2,
+        unet_lora_rank=2,
+        **TINY_TRAIN,
+        api_name="/personalize",
+    )
+    assert len(gallery) == 4 and all(is_real_image(item["image"]) for item in gallery)
+    folder = next(app.workspace.runs_dir.glob("core-*"))
+    assert (folder / "pytorch_lora_weights.safetensors").is_file() and load_learned_embeds(embeds)[1].shape[0] == 1
+    tuned = app.workspace._personal[1].unet  # the samples' UNet: the shared one's copy with the LoRA
+    assert tuned is not base.unet and getattr(tuned, "peft_config", None)
+    assert all(torch.equal(v, base.unet.state_dict()[k]) for k, v in weights.items())
+    assert not getattr(base.unet, "peft_config", None)
+
+
 def test_stopped_training_writes_a_checkpoint_and_resumes(app, client):
     job = client.submit(
         method="cross-init",

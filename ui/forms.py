@@ -256,10 +256,24 @@ class MethodForm:
 
         def use(name: str) -> list:
             method = self.methods[name]
-            shown = [gr.update(visible=n in self.own[name]) for n in self.fields]
+            own = self.own_defaults(name)
+            shown = [
+                gr.update(visible=n in self.own[name], **({"value": own[n]} if n in own else {})) for n in self.fields
+            ]
             return [help_line(method), *shown, *(updates(method) if updates else [])]
 
         self.picker.change(use, [self.picker], [self.help, *self.fields.values(), *more], **HELPER)
+
+    def own_defaults(self, name: str) -> dict:
+        """The defaults of method ``name``'s fields that differ from those of the shared input (a name two methods
+        share, e.g. CoRe's one vector against Cross Initialization's two): picking the method puts them in."""
+        found = {}
+        for n, cls in self.own[name].items():
+            field = next(f for f in dataclasses.fields(cls) if f.name == n)
+            shared = self.union[n][1]
+            if n not in self.values and shared is not field and field.default != shared.default:
+                found[n] = field.default
+        return found
 
     def split(self, values: dict) -> tuple[Method, dict[type, dict]]:
         """Takes the picked method (``values["method"]``; None: the first) and every field out of the values of a

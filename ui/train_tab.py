@@ -45,10 +45,11 @@ INTRO = (
 
 def kit_values(subject, bundled: bool = True) -> dict:
     """Form values that suit tiny-world subject ``subject``: its token and its shape as the initializer word; on the
-    bundled model also no flips (kit captions name positions) and its shape as Cross Initialization's class."""
+    bundled model also no flips (kit captions name positions), its shape as Cross Initialization's class and the tiny
+    world's contexts as CoRe's."""
     values = {"placeholder_token": f"<{subject.name}>", "initializer_token": subject.shape}
     if bundled:
-        values |= {"subject_class": f"tinyworld:{subject.shape}", "flip_p": 0.0}
+        values |= {"subject_class": f"tinyworld:{subject.shape}", "flip_p": 0.0, "prompt_set": "tinyworld"}
     return values
 
 
@@ -162,23 +163,28 @@ def build(ws: Workspace, methods: list[Method], stop_button: StopButton) -> None
             data = ws.prepare_run(folder, method.name, token, resume, fill)
             config = make_config(method.config, config_values, files=ws.confined, train_data_dir=str(data))
             steps = [0]
+            # a two-stage trainer (CoRe) counts its later stages on after max_train_steps
+            later = config.later_steps() if hasattr(config, "later_steps") else 0
+            total = train_config.max_train_steps + later
 
             def on_step(step: int, loss: float) -> None:
                 steps[0] = step
-                progress((step, train_config.max_train_steps), desc=f"training · loss {loss:.4f}", unit="steps")
+                progress((step, total), desc=f"training · loss {loss:.4f}", unit="steps")
 
             progress(0, desc="preparing the training images")
             start = time.perf_counter()
             path = ws.train(method, config, train_config, should_stop=stop.is_set, on_step=on_step)
             seconds = time.perf_counter() - start
-            stopped = stop.is_set() and steps[0] < train_config.max_train_steps
+            stopped = stop.is_set() and steps[0] < total
             prompt = prompt_template.replace("{}", token)
             samples = []
             if not stopped:  # a stopped run shows no samples: Stop means stop now
                 options = sampler.config(prompt=prompt)
-                pipe = ws.personalized(path, sampler)
+                pipe = ws.personalized(path, sampler, tuned=folder)
                 samples = sample(pipe, options.pipeline_kwargs(), stop, progress, "sampling with the token")[0].images
         text = run_summary(method, f"`{token}`", train_config, steps[0], stopped, seconds, folder)
+        if later:
+            text += f"\n\nLater stages (UNet tuning, test-time optimization): {later} steps after the token's."
         if samples:
             text += f"\n\nSamples: `{prompt}`."
         return (

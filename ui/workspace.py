@@ -33,6 +33,7 @@ from gradio.utils import get_upload_folder
 
 import genreg.methods  # noqa: F401  (registers every method)
 from genreg import registry
+from genreg.adapters import LORA_FILE
 from genreg.embeddings import load_learned_embeds, placeholder_names, require_new_tokens
 from genreg.io import load_image
 from genreg.models import BUNDLED, load_pipeline, require_multi_step
@@ -80,6 +81,14 @@ def pipeline_class(method: Method, base: DiffusionPipeline) -> type | None:
     if isinstance(base, StableDiffusionXLPipeline):
         name = name.removesuffix("Pipeline") + "XLPipeline"
     return getattr(importlib.import_module(module), name, None)
+
+
+def tuned_unet_result(run: str | Path | None) -> Path | None:
+    """A run folder's second-stage UNet result: its ``unet/`` folder or LoRA weights file, or None."""
+    if run is None:
+        return None
+    found = [f for f in (Path(run) / "unet", Path(run) / LORA_FILE) if f.exists()]
+    return found[0] if found else None
 
 
 def slug(text: str) -> str:
@@ -222,23 +231,30 @@ class Workspace:
     # ----------------------------------------------------------------------------------------------------------------
     # personalization
 
-    def personalized(self, embeds: str | Path, sampler: Method) -> DiffusionPipeline:
-        """The pipeline of ``sampler`` with a learned token loaded into its own copy of the text encoder and tokenizer.
+    def personalized(self, embeds: str | Path, sampler: Method, tuned: str | Path | None = None) -> DiffusionPipeline:
+        """The pipeline of ``sampler`` with a learned token loaded into its own copy of the text encoder and tokenizer,
+        and, where the run folder ``tuned`` holds a tuned UNet (``unet/``) or LoRA weights (a two-stage trainer's
+        second stage), its own UNet with them.
 
-        The shared model never sees the token; the last one built is kept for the next request.
+        The shared model never sees the token or the tuning; the last one built is kept for the next request.
         """
         embeds = Path(embeds)
         if not embeds.is_file():
             raise FileNotFoundError(f"embeddings file {embeds.name} not found: train a token or upload one")
         if embeds.suffix != ".safetensors":
             raise ValueError(f"{embeds.name} is not a .safetensors file; upload a learned_embeds.safetensors")
-        key = (str(embeds), embeds.stat().st_mtime_ns, id(self.base), sampler.name)
+        unet_result = tuned_unet_result(tuned)
+        stamps = [(str(f), f.stat().st_mtime_ns) for f in (embeds, unet_result) if f is not None]
+        key = (*stamps, id(self.base), sampler.name)
         if self._personal is not None and self._personal[0] == key:
             return self._personal[1]
         if getattr(self.base, "text_encoder_2", None) is not None:
             raise ValueError("learned tokens are supported on SD 1.x/2.x models (one text encoder), not SDXL yet")
         text_encoder, tokenizer = copy.deepcopy(self.base.text_encoder), copy.deepcopy(self.base.tokenizer)
-        pipe = type(self.pipeline(sampler)).from_pipe(self.base, text_encoder=text_encoder, tokenizer=tokenizer)
+        parts = {"text_encoder": text_encoder, "tokenizer": tokenizer}
+        if unet_result is not None:
+            parts["unet"] = self._tuned_unet(unet_result)
+        pipe = type(self.pipeline(sampler)).from_pipe(self.base, **parts)
         pipe.set_progress_bar_config(disable=True)
         try:
             token, vectors = load_learned_embeds(embeds)  # refuses damaged (non-finite) vectors
@@ -248,6 +264,16 @@ class Workspace:
             raise ValueError(f"{embeds.name} is not a usable token embedding for this model: {err}") from err
         self._personal = (key, pipe)
         return pipe
+
+    def _tuned_unet(self, result: Path) -> torch.nn.Module:
+        """A copy of the shared UNet with a second stage's result: a whole tuned ``unet/`` or LoRA weights."""
+        base = self.base.unet
+        if result.is_dir():
+            unet = type(base).from_pretrained(result, torch_dtype=base.dtype)
+            return unet.to(base.device)
+        unet = copy.deepcopy(base)
+        unet.load_lora_adapter(str(result), prefix="unet", adapter_name="tuned")
+        return unet
 
     def confined(self, path: str | Path, what: str, base: Path | None = None, uploads: bool = True) -> Path:
         """``path`` resolved (``~``, ``..`` and symlinks; relative to ``base``, by default the runs folder) when it

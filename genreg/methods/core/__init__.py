@@ -10,7 +10,7 @@ folder (``UNet2DConditionModel.from_pretrained(out, subfolder="unet")``) or, wit
 from __future__ import annotations
 
 from ...registry import Method, register
-from .config import PROMPT_SETS, CoReConfig, read_prompt_file, tinyworld_contexts
+from .config import PROMPT_SETS, CoReConfig, check_context, read_prompt_file, tinyworld_contexts
 from .regularizers import (
     context_attention_loss,
     context_embedding_loss,
@@ -39,6 +39,7 @@ __all__ = [
     "CoReConfig",
     "CoReObjective",
     "Contexts",
+    "check_context",
     "context_attention_loss",
     "context_embedding_loss",
     "context_positions",

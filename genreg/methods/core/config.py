@@ -104,23 +104,31 @@ PROMPT_SETS = {
 }
 
 
+def check_context(text: str, where: str) -> str:
+    """A context with exactly one ``{}`` where the subject goes, or an error naming ``where`` and the fix."""
+    check_caption(text, where)
+    if text.count("{}") != 1:
+        raise ValueError(
+            f"{where} ({text!r}) needs exactly one {{}} where the subject goes, e.g. 'a {{}} on the beach'"
+        )
+    return text
+
+
 def read_prompt_file(path: str | Path) -> list[str]:
     """One context per line, each with ``{}`` for the subject; blank lines and ``#`` comments are skipped."""
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"prompt file {path} not found: give a .txt file with one prompt per line")
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
+    except FileNotFoundError:
+        raise FileNotFoundError(f"prompt file {path} not found: give a .txt file with one prompt per line") from None
     except UnicodeDecodeError as err:
         raise ValueError(f"prompt file {path} is not UTF-8 text ({err}); save it as plain text") from err
+    except OSError as err:
+        raise ValueError(f"cannot read prompt file {path} ({err.strerror}): give a readable .txt file") from err
     prompts = [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
     if not prompts:
         raise ValueError(f"prompt file {path} holds no prompt: write one per line, e.g. 'a {{}} on the beach'")
-    for n, prompt in enumerate(prompts, 1):
-        check_caption(prompt, f"{path} prompt {n}")
-        if prompt.count("{}") != 1:
-            raise ValueError(f"{path} prompt {n} ({prompt!r}) needs exactly one {{}} where the subject goes")
-    return prompts
+    return [check_context(prompt, f"{path} prompt {n}") for n, prompt in enumerate(prompts, 1)]
 
 
 @dataclass
@@ -143,7 +151,10 @@ class CoReConfig(EmbeddingConfig):
     )
     embedding_weight: float = option(1.5e-4, "lambda_emb: context embedding regularization (Eq. 3; 0 = off)")
     attention_weight: float = option(
-        0.05, "lambda_attn: context attention regularization (Eq. 4; 0 = off; costs two more UNet passes a step)"
+        0.05,
+        "lambda_attn: context attention regularization (Eq. 4; 0 = off; costs two more UNet passes a step). genreg "
+        "averages it over the batch and squares after averaging the layers, as the paper writes; the official code "
+        "sums over the batch and squares per layer, so its 0.05 weighs more",
     )
     rescale_start: float = option(
         0.4, "embedding-norm rescaling from this fraction of the steps (Eq. 6)", place="advanced"
@@ -185,15 +196,22 @@ class CoReConfig(EmbeddingConfig):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.tto_prompt is not None:
-            check_caption(self.tto_prompt, "tto_prompt")
-            if self.tto_prompt.count("{}") != 1:
-                raise ValueError(f"tto_prompt {self.tto_prompt!r} needs exactly one {{}} where the subject goes")
+            check_context(self.tto_prompt, "tto_prompt")
+            if not (self.embedding_weight or self.attention_weight):
+                raise ValueError(
+                    "test-time optimization has no diffusion loss, so it needs a regularizer: set embedding_weight or "
+                    "attention_weight > 0, or leave tto_prompt unset"
+                )
         if self.prompt_file:
             read_prompt_file(self.prompt_file)  # an unreadable or empty file fails before any work
 
     def contexts(self) -> list[str]:
         """The regularization prompts: the file's, else the named set's."""
         return read_prompt_file(self.prompt_file) if self.prompt_file else PROMPT_SETS[self.prompt_set]()
+
+    def later_steps(self) -> int:
+        """Steps the run takes after the token's ``max_train_steps`` (stage 2, test-time optimization)."""
+        return self.unet_steps + (self.tto_steps if self.tto_prompt else 0)
 
     def rescale_window(self, steps: int) -> range:
         """The (0-based) optimizer steps after which the norm is held: the paper's 120-180 of 300 as fractions."""

@@ -18,8 +18,8 @@ import torch.nn.functional as F
 
 
 def context_positions(ids: list[int], start: int, width: int, eos_id: int) -> list[int]:
-    """Context positions of a tokenized prompt whose subject fills ``ids[start:start + width]``: the start token and
-    words before it, then every token after it up to and including the first end token (padding excluded)."""
+    """{i != k}: the start token and words before the subject ``ids[start:start+width]``, then those after it up to
+    and including the first end token (padding, even when it is the end token, excluded)."""
     try:
         end = ids.index(eos_id, start + width)
     except ValueError:
@@ -35,15 +35,13 @@ def _aligned(a: torch.Tensor, b: torch.Tensor, mask_a: torch.Tensor, mask_b: tor
 def context_embedding_loss(
     hidden: torch.Tensor, category_hidden: torch.Tensor, mask: torch.Tensor, category_mask: torch.Tensor
 ) -> torch.Tensor:
-    """Eq. 3, batch-averaged: 1 - cosine (over features) of each context token's text-encoder output under the
-    subject token and under the category word. ``hidden``: (B, L, d); masks: (B, L) booleans."""
+    """L_emb = 1/(n-1) sum_{i != k} [1 - cos(E(y*)_i, E(y_cat)_i)] (Eq. 3), batch mean; (B, L, d), masks (B, L)."""
     rows = _aligned(hidden.float(), category_hidden.float(), mask, category_mask)
     return torch.stack([(1 - F.cosine_similarity(h, c, dim=-1)).mean() for h, c in rows]).mean()
 
 
 def token_attention(records: dict) -> torch.Tensor:
-    """mu(M_i^{1:L}): each text token's cross-attention probability averaged over heads and pixels of each layer,
-    then over the layers; ``records`` are an ``AttentionRecorder``'s (one pass). Returns (B, L_text)."""
+    """mu(M_i^{1:L}): token i's attention, mean over heads and pixels, then over layers; (B, L_text) of one pass."""
     maps = [record.probs.mean(dim=(1, 2)) for layer in records.values() for record in layer]
     if not maps:
         raise ValueError("no cross-attention was recorded: the model has no cross-attention layer to regularize")
@@ -53,12 +51,11 @@ def token_attention(records: dict) -> torch.Tensor:
 def context_attention_loss(
     attention: torch.Tensor, category_attention: torch.Tensor, mask: torch.Tensor, category_mask: torch.Tensor
 ) -> torch.Tensor:
-    """Eq. 4, batch-averaged: the squared difference of each context token's mean attention under the subject token
-    and under the category word. Inputs: (B, L_text) from :func:`token_attention`, masks (B, L_text) booleans."""
+    """L_attn = 1/(n-1) sum_{i != k} (mu(M_i) - mu(M'_i))^2 (Eq. 4), batch mean; (B, L_text), masks (B, L_text)."""
     rows = _aligned(attention, category_attention, mask, category_mask)
     return torch.stack([(a - c).square().mean() for a, c in rows]).mean()
 
 
 def rescale_to(vectors: torch.Tensor, norms: torch.Tensor) -> torch.Tensor:
-    """Eq. 6: each vector scaled back to the norm it had before the step (``norms``: (N, 1))."""
+    """v_s <- v_s / ||v_s|| * ||v_{s-1}|| (Eq. 6), per vector (``norms``: (N, 1), the norms before the step)."""
     return vectors * (norms / vectors.norm(dim=-1, keepdim=True).clamp_min(1e-12))

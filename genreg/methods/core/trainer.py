@@ -8,6 +8,7 @@ Cross-attention maps are read through the shared attention layer's recorder, ins
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import logging
 from pathlib import Path
@@ -16,7 +17,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ...adapters import add_adapter, attention_blocks, save_result
+from ...adapters import LORA_FILE, add_adapter, attention_blocks, save_result
 from ...attention import AttentionRecorder, recording, select_layers
 from ...diffusion import FineTuneObjective, noised_batch
 from ...embeddings import (
@@ -29,9 +30,9 @@ from ...embeddings import (
     train_embedding,
 )
 from ...io import atomic_write
-from ...training import StepContext, TrainConfig, fit, gradient_step
+from ...training import StepContext, TrainConfig, fit, gradient_step, process_state
 from ...training.data import ImageFolder
-from .config import CoReConfig
+from .config import CoReConfig, check_context
 from .regularizers import (
     context_attention_loss,
     context_embedding_loss,
@@ -62,8 +63,16 @@ class Contexts:
             )
             start = next((i for i, t in enumerate(ids) if t == subject_ids[0]), None)
             if start is None or ids[start : start + len(names)] != subject_ids or cat_ids[start] != category_id:
-                raise ValueError(f"context {template!r} does not hold the subject where its {{}} is: shorten it")
+                raise ValueError(
+                    f"context {template!r} does not hold the subject where its {{}} is: put spaces around {{}} and "
+                    f"keep the context within the tokenizer's {length} tokens"
+                )
             rows = [context_positions(seq, start, width, eos) for seq, width in ((ids, len(names)), (cat_ids, 1))]
+            if [ids[i] for i in rows[0]] != [cat_ids[i] for i in rows[1]]:
+                raise ValueError(
+                    f"context {template!r} is cut at the tokenizer's {length} tokens under the subject's "
+                    f"{len(names)} vectors: shorten it"
+                )
             masks = [torch.zeros(length, dtype=torch.bool) for _ in rows]
             for mask, positions in zip(masks, rows, strict=True):
                 mask[positions] = True
@@ -164,29 +173,48 @@ def train_token(pipe, config: CoReConfig, train: TrainConfig, **fit_kwargs) -> P
     )
 
 
-def tune_unet(pipe, config: CoReConfig, train: TrainConfig, **fit_kwargs) -> Path:
-    """Stage 2: the token frozen, the UNet fine-tuned on the subject's images with the diffusion loss (whole, or LoRA
-    on every transformer block); returns the saved ``unet/`` folder or LoRA weights file."""
-    out = Path(train.output_dir)
-    stage = dataclasses.replace(
+def _stage(train: TrainConfig, folder: str, steps: int, learning_rate: float, **changes) -> TrainConfig:
+    """A later stage's settings: its own checkpoints in ``folder`` of the run, resumed when the run is."""
+    return dataclasses.replace(
         train,
-        output_dir=str(out / UNET_STAGE),
-        max_train_steps=config.unet_steps,
-        learning_rate=config.unet_learning_rate,
-        max_grad_norm=1.0,
+        output_dir=str(Path(train.output_dir) / folder),
+        max_train_steps=steps,
+        learning_rate=learning_rate,
         validation_steps=0,
         resume_from_checkpoint="latest" if train.resume_from_checkpoint else None,
+        **changes,
+    )
+
+
+def tune_unet(pipe, config: CoReConfig, train: TrainConfig, **fit_kwargs) -> Path | None:
+    """Stage 2: the token frozen, a copy of the UNet (then ``pipe.unet``) fine-tuned on the subject's images with the
+    diffusion loss, whole or LoRA on every transformer block; returns the saved ``unet/`` folder or LoRA weights file
+    (None when stopped: the stage's checkpoint resumes it)."""
+    from diffusers.training_utils import cast_training_params
+
+    out = Path(train.output_dir)
+    # A whole UNet's checkpoint holds it and its optimizer state: keep one unless told otherwise.
+    limit = train.checkpoints_total_limit or 1
+    stage = _stage(
+        train,
+        UNET_STAGE,
+        config.unet_steps,
+        config.unet_learning_rate,
+        max_grad_norm=1.0,
+        checkpoints_total_limit=limit,
     )
     data = config.read(pipe, config.learnable_property)
     names = " ".join(placeholder_names(config.placeholder_token, config.num_vectors))
-    unet = pipe.unet
+    # Stage 2 tunes a copy: a UNet the caller shares (the app's model) stays as it was; the pipe gets the copy.
+    pipe.unet = unet = copy.deepcopy(pipe.unet)
     if config.unet_lora_rank:
         add_adapter(unet, [1] * len(attention_blocks(unet)), "lora", config.unet_lora_rank)
     else:
         unet.requires_grad_(True)
+    cast_training_params(unet, dtype=torch.float32)  # trained weights in fp32 under fp16/bf16 autocast
     objective = FineTuneObjective(pipe).to(pipe.device)
     settings = {"method": "core-unet", "rank": config.unet_lora_rank, "token": config.placeholder_token}
-    fit(
+    result = fit(
         objective,
         lambda s, i: data.sample(pipe.tokenizer, stage.seed, s, i, names),
         stage,
@@ -194,6 +222,10 @@ def tune_unet(pipe, config: CoReConfig, train: TrainConfig, **fit_kwargs) -> Pat
         **fit_kwargs,
     )
     unet.requires_grad_(False)
+    if result.stopped:
+        return None
+    if not process_state().is_main_process:
+        return out / ("unet" if not config.unet_lora_rank else LORA_FILE)
     if config.unet_lora_rank:
         return save_result(pipe, "lora", out)
     return atomic_write(out / "unet", lambda tmp: unet.save_pretrained(tmp, safe_serialization=True))
@@ -203,12 +235,16 @@ def tune_for_prompt(pipe, config: CoReConfig, train: TrainConfig, prompt: str, *
     """Tunes a learnt token, already loaded in ``pipe`` (``pipe.load_textual_inversion``), for one prompt with ``{}``:
     Eq. 5 without the diffusion loss and ``prompt`` the only context; no rescaling (the paper's test-time step).
     Returns the new ``learned_embeds.safetensors`` in ``train.output_dir``."""
+    check_context(prompt, "the test-time prompt")
+    if not (config.embedding_weight or config.attention_weight):
+        raise ValueError("test-time optimization needs a regularizer: set embedding_weight or attention_weight > 0")
     names = placeholder_names(config.placeholder_token, config.num_vectors)
     vocab = pipe.tokenizer.get_vocab()
-    if any(name not in vocab for name in names):
+    more = placeholder_names(config.placeholder_token, config.num_vectors + 1)[-1]
+    if any(name not in vocab for name in names) or more in vocab:
         raise ValueError(
-            f"{config.placeholder_token!r} ({config.num_vectors} vectors) is not loaded in this pipeline: load the "
-            "learnt token first (pipe.load_textual_inversion(path)), with the same --num_vectors"
+            f"{config.placeholder_token!r} with {config.num_vectors} vectors is not what this pipeline holds: load "
+            "the learnt token first (pipe.load_textual_inversion(path)) and pass its --num_vectors"
         )
     ids = pipe.tokenizer.convert_tokens_to_ids(names)
     placeholder = PlaceholderVectors(pipe.text_encoder, ids, pipe.text_encoder.get_input_embeddings().weight[ids])
@@ -218,25 +254,30 @@ def tune_for_prompt(pipe, config: CoReConfig, train: TrainConfig, prompt: str, *
     return fit_vectors(pipe, placeholder, objective, data, config, train, extra, **fit_kwargs)
 
 
-def train_core(pipe, config: CoReConfig, train: TrainConfig, **fit_kwargs) -> Path:
+def train_core(pipe, config: CoReConfig, train: TrainConfig, should_stop=None, on_step=None, **fit_kwargs) -> Path:
     """CoRe: stage 1, then stage 2 when ``unet_steps`` and test-time optimization when ``tto_prompt`` is given.
     Returns the token's ``learned_embeds.safetensors`` (the test-time one when optimized for a prompt); stage 2's
-    ``unet/`` folder or ``pytorch_lora_weights.safetensors`` is written beside the stage-1 token."""
-    path = train_token(pipe, config, train, **fit_kwargs)
-    should_stop = fit_kwargs.get("should_stop")
-    if should_stop is not None and should_stop():
-        return path  # stopped: the later stages start when the run is resumed
-    if config.unet_steps:
+    ``unet/`` folder or ``pytorch_lora_weights.safetensors`` is written beside the stage-1 token.
+
+    ``on_step`` counts on across the stages (stage 2's first step is ``max_train_steps + 1``); once ``should_stop``
+    has said stop, no later stage starts (each resumes from its checkpoint when the run is resumed)."""
+    stopped = [False]
+
+    def stop() -> bool:
+        stopped[0] = stopped[0] or (should_stop is not None and should_stop())
+        return stopped[0]
+
+    def counted(offset: int):
+        return None if on_step is None else (lambda step, loss: on_step(offset + step, loss))
+
+    path = train_token(pipe, config, train, should_stop=stop, on_step=on_step, **fit_kwargs)
+    if config.unet_steps and not stopped[0]:
         logger.info("stage 1 done; stage 2 fine-tunes the UNet for %d steps", config.unet_steps)
-        tune_unet(pipe, config, train, **fit_kwargs)
-    if config.tto_prompt:
-        tto = dataclasses.replace(
-            train,
-            output_dir=str(Path(train.output_dir) / TEST_TIME),
-            max_train_steps=config.tto_steps,
-            learning_rate=config.tto_learning_rate,
-            validation_steps=0,
-            resume_from_checkpoint="latest" if train.resume_from_checkpoint else None,
+        tune_unet(pipe, config, train, should_stop=stop, on_step=counted(train.max_train_steps), **fit_kwargs)
+    if config.tto_prompt and not stopped[0]:
+        tto = _stage(train, TEST_TIME, config.tto_steps, config.tto_learning_rate)
+        offset = train.max_train_steps + config.unet_steps
+        path = tune_for_prompt(
+            pipe, config, tto, config.tto_prompt, should_stop=stop, on_step=counted(offset), **fit_kwargs
         )
-        path = tune_for_prompt(pipe, config, tto, config.tto_prompt, **fit_kwargs)
     return path

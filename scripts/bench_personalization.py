@@ -1,6 +1,6 @@
 """Benchmarks textual inversion, Cross Initialization and CoRe on tiny-world subject kits with the bundled model.
 
-    python scripts/bench_personalization.py [--subjects all] [--seeds 0 1] [--methods ...]
+    python scripts/bench_personalization.py [--subjects all] [--seeds 0 1] [--methods ...] [--name personalization]
 
 For each subject (fixed shape, colour, pattern, outline; 4 reference renders) and training seed: textual inversion
 for 1000 steps (read at 100, 320, 1000) and Cross Initialization for 320 steps (read at 100, 320), same batch,
@@ -227,7 +227,13 @@ def main() -> None:
     p.add_argument("--core_steps", nargs="+", type=int, default=[300])
     p.add_argument("--core_unet_steps", type=int, default=200)
     p.add_argument("--core_unet_lr", type=float, default=5e-5)
-    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    p.add_argument(
+        "--methods",
+        nargs="+",
+        default=["textual-inversion", *CROSS_INIT],
+        choices=list(METHODS),
+        help="trained rows (default: textual inversion and Cross Initialization; CoRe's rows on request)",
+    )
     p.add_argument("--batch_size", type=int, default=8)
     p.add_argument("--learning_rate", type=float, default=5e-3)
     p.add_argument("--reg_weight", type=float, default=1e-5)

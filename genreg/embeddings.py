@@ -190,15 +190,15 @@ def train_embedding(
     init: Callable[[PlaceholderVectors], torch.Tensor],
     regularizer: Regularizer | None = None,
     *,
-    objective: Callable[[PlaceholderVectors, ImageFolder], nn.Module] | None = None,
-    extra: Callable[[PlaceholderVectors], Callable[[int, int], dict]] | None = None,
+    objective: Callable[[PlaceholderVectors], nn.Module] | None = None,
+    extra: Callable[[], Callable[[int, int], dict]] | None = None,
     **fit_kwargs,
 ) -> Path:
     """Adds ``config.placeholder_token`` to ``pipe``, trains its vectors from ``init(placeholder)``, saves them.
 
     The loss is the diffusion loss plus ``regularizer(v, v^0)`` when given (``None``: plain textual inversion), or a
-    method's own ``objective(placeholder, data)``; ``extra(placeholder)`` returns ``fields(step, index)``, which adds
-    a method's fields to each sample (built once the placeholder's tokens exist).
+    method's own ``objective(placeholder)``; ``extra()``, called once the placeholder's tokens exist, returns
+    ``fields(step, index)``, a method's additions to each sample.
 
     Returns the path of ``learned_embeds.safetensors`` in ``train.output_dir``; each ``checkpoint-N/`` holds one
     too, and ``initial_embeds.safetensors`` keeps the initial vectors. On return ``pipe`` generates with the token.
@@ -211,8 +211,8 @@ def train_embedding(
     placeholder = PlaceholderVectors(text_encoder, ids, text_encoder.get_input_embeddings().weight[ids])
     with torch.no_grad():
         placeholder.vectors.copy_(init(placeholder))
-    built = objective(placeholder, data) if objective else EmbeddingObjective(pipe, placeholder, regularizer)
-    fields = extra(placeholder) if extra is not None else None
+    built = objective(placeholder) if objective else EmbeddingObjective(pipe, placeholder, regularizer)
+    fields = extra() if extra is not None else None
     return fit_vectors(pipe, placeholder, built, data, config, train, fields, **fit_kwargs)
 
 

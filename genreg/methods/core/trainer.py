@@ -31,7 +31,6 @@ from ...embeddings import (
 )
 from ...io import atomic_write
 from ...training import StepContext, TrainConfig, fit, gradient_step, process_state
-from ...training.data import ImageFolder
 from .config import CoReConfig, check_context
 from .regularizers import (
     context_attention_loss,
@@ -136,11 +135,8 @@ def rescaling_update(window: range):
     return update
 
 
-def _objective(pipe, config: CoReConfig, diffusion: float = 1.0):
-    def build(placeholder: PlaceholderVectors, data: ImageFolder) -> CoReObjective:
-        return CoReObjective(pipe, placeholder, diffusion, config.embedding_weight, config.attention_weight)
-
-    return build
+def _objective(pipe, config: CoReConfig, placeholder: PlaceholderVectors, diffusion: float = 1.0) -> CoReObjective:
+    return CoReObjective(pipe, placeholder, diffusion, config.embedding_weight, config.attention_weight)
 
 
 def _contexts(pipe, config: CoReConfig, seed: int, templates: list[str]):
@@ -158,16 +154,14 @@ def train_token(pipe, config: CoReConfig, train: TrainConfig, **fit_kwargs) -> P
     def init(placeholder: PlaceholderVectors) -> torch.Tensor:
         return initializer_vectors(pipe.text_encoder, pipe.tokenizer, config.initializer_token, config.num_vectors)
 
-    def extra(placeholder: PlaceholderVectors):
-        return _contexts(pipe, config, train.seed, templates)
-
+    regularized = config.embedding_weight or config.attention_weight
     return train_embedding(
         pipe,
         config,
         train,
         init,
-        objective=_objective(pipe, config),
-        extra=extra if config.embedding_weight or config.attention_weight else None,
+        objective=lambda placeholder: _objective(pipe, config, placeholder),
+        extra=(lambda: _contexts(pipe, config, train.seed, templates)) if regularized else None,
         update=rescaling_update(config.rescale_window(train.max_train_steps)),
         **fit_kwargs,
     )
@@ -249,7 +243,7 @@ def tune_for_prompt(pipe, config: CoReConfig, train: TrainConfig, prompt: str, *
     ids = pipe.tokenizer.convert_tokens_to_ids(names)
     placeholder = PlaceholderVectors(pipe.text_encoder, ids, pipe.text_encoder.get_input_embeddings().weight[ids])
     data = config.read(pipe, config.learnable_property)
-    objective = _objective(pipe, config, diffusion=0.0)(placeholder, data)
+    objective = _objective(pipe, config, placeholder, diffusion=0.0)
     extra = _contexts(pipe, config, train.seed, [prompt])
     return fit_vectors(pipe, placeholder, objective, data, config, train, extra, **fit_kwargs)
 

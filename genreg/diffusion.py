@@ -23,13 +23,17 @@ def noise_and_timesteps(seeds: torch.Tensor, shape: tuple[int, ...], num_train_t
     return torch.stack(noise).to(device, dtype), torch.tensor(steps, device=device)
 
 
-def noised_batch(unet, vae, scheduler, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(z_t, t, target) of ``batch["pixel_values"]``, each sample noised from its own ``batch["seed"]``."""
+def noised_batch(
+    unet, vae, scheduler, batch: dict, timesteps: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(z_t, t, target) of ``batch["pixel_values"]``, each sample noised from its own ``batch["seed"]``, at the
+    seed's timestep or at ``timesteps`` when given."""
     with torch.no_grad():
         x0 = encode_latents(vae, batch["pixel_values"]).to(unet.dtype)
     noise, t = noise_and_timesteps(
         batch["seed"], x0.shape[1:], scheduler.config.num_train_timesteps, x0.device, x0.dtype
     )
+    t = t if timesteps is None else timesteps.to(t)
     return scheduler.add_noise(x0, noise, t), t, diffusion_target(scheduler, x0, noise, t)
 
 

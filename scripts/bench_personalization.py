@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import shlex
 import subprocess
 import sys
@@ -40,6 +39,7 @@ from genreg.embeddings import EMBEDS_FILE, INIT_FILE, load_learned_embeds
 from genreg.methods.core import CoReConfig, train_core, tune_for_prompt
 from genreg.methods.cross_init import CrossInitConfig, train_cross_init
 from genreg.methods.textual_inversion import TextualInversionConfig, train_textual_inversion
+from genreg.profiling import rss_mib
 from genreg.tinyworld import Evaluator, render
 from genreg.tinyworld.subjects import SUBJECTS, evaluation_cases, reference_scenes, score_subject, write_kit
 from genreg.training import TrainConfig
@@ -171,11 +171,6 @@ def scored(kit_view: tuple, label: str, steps: int, images, seconds: float, vect
     row |= scores | {"norm_ratio": ratio, "seconds": seconds}
     print(json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in row.items()}))
     return row
-
-
-def rss_mib() -> float:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * resource.getpagesize() / 2**20
 
 
 def probe_memory(args, kind: str) -> float:

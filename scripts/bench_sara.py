@@ -19,7 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
-import resource
+import shlex
 import subprocess
 import sys
 import time
@@ -37,6 +37,7 @@ from genreg.methods.sara import (
     load_into,
     train_sara,
 )
+from genreg.profiling import peak_rss_mib, rss_mib
 from genreg.tinyworld import Evaluator, sample_scene, scene_prompt
 from genreg.tinyworld.concepts import CONCEPTS, concept_prompts, write_concept_kit
 from genreg.training import TrainConfig, fit
@@ -67,15 +68,6 @@ def matching_threshold(model: str, count: int) -> float:
     """The threshold below which exactly ``count`` UNet weights lie (so SaRA trains as many weights as LoRA)."""
     weights = torch.cat([p.detach().abs().flatten() for p in fresh(model, "cpu").unet.parameters()])
     return float(torch.kthvalue(weights, count + 1).values)
-
-
-def rss_mib() -> float:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * resource.getpagesize() / 2**20
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# One row's training, in its own process
 
 
 def train_row(args) -> None:
@@ -112,7 +104,7 @@ def train_row(args) -> None:
         fit(FineTuneObjective(pipe), lambda step, i: data.sample(pipe.tokenizer, args.seed, step, i), train)
         files = save_result(pipe, spec["method"], out)
     seconds = time.perf_counter() - start
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak = peak_rss_mib()
     report = {
         "learning_rate": spec["lr"] or auto_learning_rate(spec["sara"]["threshold"]),
         "trainable": trainable,
@@ -203,6 +195,10 @@ def main() -> None:
     )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--work_dir", default="runs/bench_sara")
+    p.add_argument(
+        "--memory_only", action="store_true", help="measure the trained rows' peak memory again (sara.json's run)"
+    )
+    p.add_argument("--memory_steps", type=int, default=10, help="training steps of a --memory_only measurement")
     p.add_argument("--kit", help=argparse.SUPPRESS)
     p.add_argument("--row", help=argparse.SUPPRESS)  # internal: train one row in this process
     args = p.parse_args()
@@ -210,18 +206,12 @@ def main() -> None:
         train_row(args)
         return
 
+    if args.memory_only:
+        return measure_memory(args)
     work = Path(args.work_dir)
     kit = write_concept_kit(args.concept, work / "kit", n=args.kit_size, seed=args.seed)
     count = lora_count(args.model, args.lora_rank)
     threshold = matching_threshold(args.model, count)
-    sara = {"threshold": threshold, "lambda_rank": 5e-3, "progressive_fraction": 0.5}
-    specs = {
-        "sara": {"method": "sara", "sara": sara},
-        "sara-no-rank": {"method": "sara", "sara": sara | {"lambda_rank": 0.0}},
-        "sara-no-progressive": {"method": "sara", "sara": sara | {"progressive_fraction": 0.0}},
-        "lora": {"method": "lora", "lr": args.lora_lr},
-        "full": {"method": "full", "lr": args.full_lr},
-    }
     evaluator = Evaluator.load()
     concept = concept_prompts(args.concept, args.eval_prompts, seed=args.seed)
     attribute = CONCEPTS[args.concept]
@@ -229,11 +219,9 @@ def main() -> None:
     retain = [scene_prompt(sample_scene(rng, n_objects=1), background=True) for _ in range(args.retain_prompts)]
     rows = {}
     for name in args.rows:
-        kind, _, lr = name.partition(":")
-        spec = specs.get(kind, {"method": "base"})
         out = work / name.replace(":", "-lr")
+        spec = row_spec(args, name, threshold, out)
         if spec["method"] != "base":
-            spec = spec | {"out": str(out), "lr": float(lr) if lr else spec.get("lr")}
             command = [sys.executable, __file__, *sys.argv[1:], "--kit", str(kit), "--row", json.dumps(spec)]
             subprocess.run(command, check=True)
         pipe = load_row(args.model, spec["method"], out)
@@ -247,20 +235,56 @@ def main() -> None:
         if spec["method"] != "base":
             rows[name] |= json.loads((out / "row.json").read_text())
         print(name, rows[name], flush=True)
-    write_results(args, rows, threshold, count)
+    write_results(args, rows, threshold, count, shlex.join(["python", "scripts/bench_sara.py", *sys.argv[1:]]))
 
 
-def write_results(args, rows: dict, threshold: float, count: int) -> None:
+def row_spec(args, name: str, threshold: float, out: Path) -> dict:
+    """What row ``name`` (``ROW`` or ``ROW:LR``) trains, for ``train_row``."""
+    kind, _, lr = name.partition(":")
+    sara = {"threshold": threshold, "lambda_rank": 5e-3, "progressive_fraction": 0.5}
+    specs = {
+        "sara": {"method": "sara", "sara": sara},
+        "sara-no-rank": {"method": "sara", "sara": sara | {"lambda_rank": 0.0}},
+        "sara-no-progressive": {"method": "sara", "sara": sara | {"progressive_fraction": 0.0}},
+        "lora": {"method": "lora", "lr": args.lora_lr},
+        "full": {"method": "full", "lr": args.full_lr},
+    }
+    spec = specs.get(kind, {"method": "base"})
+    return spec if spec["method"] == "base" else spec | {"out": str(out), "lr": float(lr) if lr else spec.get("lr")}
+
+
+def measure_memory(args) -> None:
+    """Each trained row of bench/results/sara.json trained again for --memory_steps steps, in a process of its own,
+    for its peak memory; the scores stay those of the full run."""
+    earlier = json.loads((RESULTS / "sara.json").read_text())
+    vars(args).update({k: v for k, v in earlier["settings"].items() if k not in ("memory_only", "memory_steps")})
+    kit = write_concept_kit(args.concept, Path(args.work_dir) / "kit", n=args.kit_size, seed=args.seed)
+    rows = earlier["rows"]
+    for name, row in rows.items():
+        out = Path(args.work_dir) / "memory" / name.replace(":", "-lr")
+        spec = row_spec(args, name, earlier["threshold"], out)
+        if spec["method"] == "base":
+            continue
+        command = [sys.executable, __file__, "--model", args.model, "--batch_size", str(args.batch_size)]
+        command += ["--steps", str(args.memory_steps), "--lora_rank", str(args.lora_rank), "--seed", str(args.seed)]
+        subprocess.run([*command, "--kit", str(kit), "--row", json.dumps(spec)], check=True)
+        measured = json.loads((out / "row.json").read_text())
+        row |= {k: measured[k] for k in ("peak_rss_mib", "peak_rss_above_loaded_mib")}
+        print(name, row["peak_rss_mib"], flush=True)
+    memory = f"peak memory measured again over {args.memory_steps} steps per row: `--memory_only`"
+    write_results(args, rows, earlier["threshold"], earlier["lora_trainable"], f"{earlier['command']}` ({memory})")
+
+
+def write_results(args, rows: dict, threshold: float, count: int, command: str) -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     settings = {k: v for k, v in vars(args).items() if k not in ("row", "kit")}
-    (RESULTS / "sara.json").write_text(
-        json.dumps({"settings": settings, "threshold": threshold, "lora_trainable": count, "rows": rows}, indent=2)
-    )
+    result = {"settings": settings, "command": command, "threshold": threshold, "lora_trainable": count, "rows": rows}
+    (RESULTS / "sara.json").write_text(json.dumps(result, indent=2))
     base = rows.get("base", {}).get("retained_all_correct")
     lines = [
         f"# SaRA vs LoRA vs full fine-tuning: learning the held-out {args.concept!r}",
         "",
-        f"`python scripts/bench_sara.py {' '.join(sys.argv[1:])}`; {args.steps} steps, batch {args.batch_size}, "
+        f"`{command}`; {args.steps} steps, batch {args.batch_size}, "
         f"kit of {args.kit_size} renders; SaRA threshold {threshold:.3g} (as many weights as LoRA rank "
         f"{args.lora_rank}: {count:,}); {args.eval_prompts} prompts naming the concept, {args.retain_prompts} "
         "standard single-object prompts; 25 DDIM steps, guidance 5.",

@@ -19,7 +19,6 @@ import collections
 import copy
 import json
 import random
-import resource
 import sys
 import time
 from pathlib import Path
@@ -29,6 +28,7 @@ from genreg.pipelines import OneStepPipeline
 
 from genreg import load_pipeline
 from genreg.methods.score_forgetting import SFDConfig, tinyworld_prompts, train_sfd
+from genreg.profiling import peak_rss_mib, reset_peak_rss, rss_mib
 from genreg.tinyworld import Evaluator
 from genreg.tinyworld.world import OBJECT_ATTRIBUTES, sample_scene, scene_prompt
 from genreg.training import TrainConfig, fit
@@ -142,7 +142,8 @@ def main() -> None:
             retain.append(scene_prompt(scene, background=True))
     evaluator, work, rows = Evaluator.load(), Path(args.work_dir), {}
     for name in args.rows:
-        start, before = time.perf_counter(), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        reset_peak_rss()  # each row's own peak, though the rows share this process
+        start, before = time.perf_counter(), rss_mib()
         if name == "teacher":
             pipe, one_step, steps = fresh(args.model), False, 0
         elif name in ("sid", "sfd"):
@@ -162,7 +163,7 @@ def main() -> None:
         else:
             pipe, one_step, steps = train_esd(args, forget, work / name), False, args.esd_steps
         trained = time.perf_counter() - start
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        peak = peak_rss_mib()
         images, speed = draw(pipe, forget, args.seed, one_step)
         rate, instead = read_concept(evaluator, images, attribute, args.forget)
         para_rate, _ = read_concept(evaluator, draw(pipe, paraphrase, args.seed, one_step)[0], attribute, args.forget)
@@ -175,7 +176,7 @@ def main() -> None:
             "images_per_second": speed,
             "training_seconds": trained,
             "training_steps": steps,
-            "peak_rss_mib_growth": (peak - before) / 1024,
+            "peak_rss_mib_growth": peak - before,
         }
         print(name, rows[name], flush=True)
     write_results(args, rows)

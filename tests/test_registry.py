@@ -116,3 +116,18 @@ def test_no_module_outside_scripts_is_over_400_lines():
     for folder in ("genreg", "pipelines", "ui"):
         for path in (ROOT / folder).rglob("*.py"):
             assert len(path.read_text().splitlines()) <= 420, path
+
+
+def test_every_package_is_in_the_wheel():
+    """pyproject lists the packages by hand (the folders map onto genreg.*): a method package left out would be
+    missing from a non-editable install."""
+    import tomllib
+
+    setup = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    listed = set(setup["packages"])
+    found = set()
+    for name, folder in setup["package-dir"].items():
+        for init in (ROOT / folder).rglob("__init__.py"):
+            parts = init.parent.relative_to(ROOT / folder).parts
+            found.add(".".join((name, *parts)))
+    assert found - listed == set()

@@ -14,6 +14,7 @@ import time
 import gradio as gr
 
 from genreg import registry
+from genreg.embeddings import EmbeddingConfig
 from genreg.registry import Method
 from genreg.training import TrainConfig
 
@@ -66,6 +67,9 @@ def build(ws: Workspace, methods: list[Method], stop_button: StopButton) -> None
     ``/generate_with_token`` endpoints."""
     from genreg.tinyworld.subjects import SUBJECTS, write_kit
 
+    # The tab learns and samples a token; a trainer of another result (HiFi Tuner's encoder-output vectors) is
+    # not offered here yet.
+    methods = [m for m in methods if issubclass(m.config, EmbeddingConfig)]
     sampler = registry.methods("sampler")[0]
     kit = ws.is_bundled
     subject = next(iter(SUBJECTS.values()))

@@ -5,4 +5,4 @@ list them."""
 from . import adaptive_guidance, cross_init, guide_and_rescale, memcontrol, sara, score_forgetting, textual_inversion  # noqa: F401
 
 # isort: split
-from . import core  # noqa: F401  (after the embedding baselines it builds on, where the surfaces list it)
+from . import core, hifi_tuner  # noqa: F401  (after the embedding baselines they build on, as the surfaces list them)

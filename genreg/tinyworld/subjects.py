@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 
 from .render import render
 from .world import DETAIL_WORDS, POSITION_PHRASES, Obj, Scene, object_phrase
@@ -88,13 +89,16 @@ def reference_caption(scene: Scene) -> str:
 
 
 def write_kit(subject: Subject, directory: str | Path, k: int = 4) -> Path:
-    """Renders the K reference images and their captions (``metadata.jsonl``) into ``directory``."""
+    """Renders the K reference images, their captions (``metadata.jsonl``) and the subject's masks (``masks/``,
+    white = the object with its outline) into ``directory``."""
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "masks").mkdir(parents=True, exist_ok=True)
     rows = []
     for i, scene in enumerate(reference_scenes(subject, k)):
         name = f"{subject.name}-{i}.png"
-        render(scene)[0].save(directory / name)
+        image, masks = render(scene)
+        image.save(directory / name)
+        Image.fromarray(masks[0].astype(np.uint8) * 255).save(directory / "masks" / name)
         rows.append(json.dumps({"file_name": name, "text": reference_caption(scene)}))
     (directory / "metadata.jsonl").write_text("\n".join(rows) + "\n")
     return directory
@@ -125,6 +129,40 @@ def evaluation_cases(subject: Subject) -> list[Case]:
         template = f"a {my_size} {{}} {where[mine]} and {object_phrase(second)} {where[other]}"
         cases.append(Case(template, Scene((subject.at(mine, my_size), second))))
     return cases
+
+
+def object_mask(image, position: str, threshold: float = 60.0) -> np.ndarray:
+    """The pixels of the object drawn nearest ``position`` in a tiny-world image: those far (summed RGB distance >
+    ``threshold``) from the background colour, read off the border, in the 4-connected region whose centre is
+    closest to the position's centre. The offline stand-in for a grounded segmenter; all False when nothing is
+    drawn."""
+    from collections import deque
+
+    from .render import CENTERS, IMAGE_SIZE
+
+    pixels = np.asarray(image.convert("RGB"), np.float32)
+    border = np.concatenate([pixels[0], pixels[-1], pixels[:, 0], pixels[:, -1]])
+    foreground = np.abs(pixels - np.median(border, axis=0)).sum(-1) > threshold
+    h, w = foreground.shape
+    labels, regions = np.zeros((h, w), int), []
+    for start in zip(*np.nonzero(foreground), strict=True):
+        if labels[start]:
+            continue
+        labels[start] = len(regions) + 1
+        queue, members = deque([start]), []
+        while queue:
+            y, x = queue.popleft()
+            members.append((y, x))
+            for ny, nx in ((y - 1, x), (y + 1, x), (y, x - 1), (y, x + 1)):
+                if 0 <= ny < h and 0 <= nx < w and foreground[ny, nx] and not labels[ny, nx]:
+                    labels[ny, nx] = len(regions) + 1
+                    queue.append((ny, nx))
+        regions.append(np.array(members))
+    if not regions:
+        return foreground
+    cx, cy = (c * w / IMAGE_SIZE for c in CENTERS[position])
+    nearest = min(range(len(regions)), key=lambda k: np.hypot(*(regions[k].mean(0) - (cy, cx))))
+    return labels == nearest + 1
 
 
 def score_subject(evaluator, images, cases: list[Case], subject: Subject, references) -> dict[str, float]:

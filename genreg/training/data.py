@@ -180,19 +180,26 @@ class ImageFolder:
     def has_masks(self) -> bool:
         return all(item.mask is not None for item in self.items)
 
-    def sample(self, tokenizer, seed: int, step: int, index: int, placeholder: str = "") -> dict:
-        """Sample ``index`` of step ``step`` for the training loop: pixels, the tokenized prompt, and the seed of its
-        noise and timestep, all from ``sample_rng(seed, step, index)``."""
+    def sample(self, tokenizer, seed: int, step: int, index: int, placeholder: str = "", masks: bool = False) -> dict:
+        """Sample ``index`` of step ``step`` for the training loop: pixels, the tokenized prompt, the seed of its
+        noise and timestep, all from ``sample_rng(seed, step, index)``, and with ``masks`` the image's mask."""
+        if masks and not self.has_masks:
+            missing = next(i for i, item in enumerate(self.items) if item.mask is None)
+            raise ValueError(f"image {missing} of the folder has no mask: add masks/<image stem>.png for every image")
         rng = sample_rng(seed, step, index)
         example = self.example(rng, placeholder)
         input_ids = tokenizer(
             example["prompt"], padding="max_length", max_length=tokenizer.model_max_length, truncation=True
         ).input_ids
-        return {
-            "pixel_values": example["pixel_values"],
-            "input_ids": torch.tensor(input_ids),
-            "seed": int(rng.integers(2**62)),
-        }
+        out = {"pixel_values": example["pixel_values"], "input_ids": torch.tensor(input_ids)}
+        out["seed"] = int(rng.integers(2**62))
+        return out | ({"mask": example["mask"]} if masks else {})
+
+    def prompts(self, placeholder: str) -> list[str]:
+        """Every prompt :meth:`example` can give (each caption, or each template), ``placeholder`` in its ``{}``."""
+        captions = [item.caption for item in self.items]
+        texts = [t for t in captions if t is not None] + (self.templates if None in captions else [])
+        return [t.format(placeholder) if "{}" in t else t for t in dict.fromkeys(texts)]
 
     def example(self, rng: np.random.Generator, placeholder: str) -> dict:
         """One augmented sample: ``pixel_values``, ``prompt`` (caption or template with ``placeholder``), ``mask``.

@@ -9,6 +9,8 @@
   SDPA, exactly as ``AttnProcessor2_0`` does, so recording never changes a model's output.
 - An ``AttentionRecorder`` keeps, while capturing, what a method asks for: attention probabilities (with or without
   gradient) or the queries and keys (all a self-attention energy needs: heads x L x d instead of heads x L x L).
+- ``injecting(model, injection)`` replaces cross-attention maps of some batch rows by other rows' (Prompt-to-Prompt),
+  for the tokens it names.
 - ``attention_map_energy`` computes sum((A_ref - A_cur)^2) of two attention maps from their queries and keys, in query
   chunks recomputed in backward, so peak memory grows with chunk x L instead of heads x L^2.
 """
@@ -234,96 +236,163 @@ class AttentionRecorder:
         self.records.setdefault(name, []).append(record)
 
 
+@dataclass
+class _Projected:
+    """An attention call's queries, keys and values (B, heads, L, d), its prepared mask and softmax scale, and what
+    ``finish`` needs to turn the attended values into the layer's output as ``AttnProcessor2_0`` does."""
+
+    query: torch.Tensor
+    key: torch.Tensor
+    value: torch.Tensor
+    mask: torch.Tensor | None
+    scale: float
+    sdpa_scale: dict
+    finish: object
+
+
+def _project(attn: ap.Attention, hidden_states, encoder_hidden_states, attention_mask, temb) -> _Projected:
+    residual = hidden_states
+    if attn.spatial_norm is not None:
+        hidden_states = attn.spatial_norm(hidden_states, temb)
+    input_ndim = hidden_states.ndim
+    if input_ndim == 4:
+        batch_size, channel, height, width = hidden_states.shape
+        hidden_states = hidden_states.view(batch_size, channel, height * width).transpose(1, 2)
+    context = hidden_states if encoder_hidden_states is None else encoder_hidden_states
+    batch_size, sequence_length, _ = context.shape
+    if attention_mask is not None:
+        attention_mask = attn.prepare_attention_mask(attention_mask, sequence_length, batch_size)
+        attention_mask = attention_mask.view(batch_size, attn.heads, -1, attention_mask.shape[-1])
+    if attn.group_norm is not None:
+        hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+
+    query = attn.to_q(hidden_states)
+    if encoder_hidden_states is None:
+        encoder_hidden_states = hidden_states
+    elif attn.norm_cross:
+        encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
+    key = attn.to_k(encoder_hidden_states)
+    value = attn.to_v(encoder_hidden_states)
+    head_dim = key.shape[-1] // attn.heads
+    query = query.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
+    key = key.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
+    value = value.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
+    if attn.norm_q is not None:
+        query = attn.norm_q(query)
+    if attn.norm_k is not None:
+        key = attn.norm_k(key)
+
+    def finish(attended: torch.Tensor) -> torch.Tensor:
+        out = attended.transpose(1, 2).reshape(batch_size, -1, attn.heads * head_dim).to(query.dtype)
+        out = attn.to_out[1](attn.to_out[0](out))
+        if input_ndim == 4:
+            out = out.transpose(-1, -2).reshape(batch_size, channel, height, width)
+        if attn.residual_connection:
+            out = out + residual
+        return out / attn.rescale_output_factor
+
+    # SDPA's default scale is what AttnProcessor2_0 uses; pass attn.scale only where a model sets another one.
+    default = head_dim**-0.5
+    sdpa_scale = {} if abs(attn.scale - default) < 1e-12 else {"scale": attn.scale}
+    return _Projected(query, key, value, attention_mask, sdpa_scale.get("scale", default), sdpa_scale, finish)
+
+
+def _sdpa(p: _Projected) -> torch.Tensor:
+    return F.scaled_dot_product_attention(
+        p.query, p.key, p.value, attn_mask=p.mask, dropout_p=0.0, is_causal=False, **p.sdpa_scale
+    )
+
+
 class RecordingProcessor:
     """Scaled-dot-product attention (as ``AttnProcessor2_0``) that hands its queries and keys to a recorder."""
 
     def __init__(self, recorder: AttentionRecorder, name: str):
         self.recorder, self.name = recorder, name
 
-    def __call__(
-        self,
-        attn: ap.Attention,
-        hidden_states: torch.Tensor,
-        encoder_hidden_states: torch.Tensor | None = None,
-        attention_mask: torch.Tensor | None = None,
-        temb: torch.Tensor | None = None,
-        *args,
-        **kwargs,
-    ) -> torch.Tensor:
-        residual = hidden_states
-        if attn.spatial_norm is not None:
-            hidden_states = attn.spatial_norm(hidden_states, temb)
-        input_ndim = hidden_states.ndim
-        if input_ndim == 4:
-            batch_size, channel, height, width = hidden_states.shape
-            hidden_states = hidden_states.view(batch_size, channel, height * width).transpose(1, 2)
-        batch_size, sequence_length, _ = (
-            hidden_states.shape if encoder_hidden_states is None else encoder_hidden_states.shape
-        )
-        if attention_mask is not None:
-            attention_mask = attn.prepare_attention_mask(attention_mask, sequence_length, batch_size)
-            attention_mask = attention_mask.view(batch_size, attn.heads, -1, attention_mask.shape[-1])
-        if attn.group_norm is not None:
-            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
-
-        query = attn.to_q(hidden_states)
-        if encoder_hidden_states is None:
-            encoder_hidden_states = hidden_states
-        elif attn.norm_cross:
-            encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
-        key = attn.to_k(encoder_hidden_states)
-        value = attn.to_v(encoder_hidden_states)
-        head_dim = key.shape[-1] // attn.heads
-        query = query.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
-        key = key.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
-        value = value.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
-        if attn.norm_q is not None:
-            query = attn.norm_q(query)
-        if attn.norm_k is not None:
-            key = attn.norm_k(key)
-
-        # SDPA's default scale is what AttnProcessor2_0 uses; pass attn.scale only where a model sets another one.
-        default = head_dim**-0.5
-        scale = {} if abs(attn.scale - default) < 1e-12 else {"scale": attn.scale}
-        self.recorder.add(self.name, query, key, attention_mask, scale.get("scale", default))
-        hidden_states = F.scaled_dot_product_attention(
-            query, key, value, attn_mask=attention_mask, dropout_p=0.0, is_causal=False, **scale
-        )
-        hidden_states = hidden_states.transpose(1, 2).reshape(batch_size, -1, attn.heads * head_dim)
-        hidden_states = hidden_states.to(query.dtype)
-        hidden_states = attn.to_out[0](hidden_states)
-        hidden_states = attn.to_out[1](hidden_states)
-        if input_ndim == 4:
-            hidden_states = hidden_states.transpose(-1, -2).reshape(batch_size, channel, height, width)
-        if attn.residual_connection:
-            hidden_states = hidden_states + residual
-        return hidden_states / attn.rescale_output_factor
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, *a, **kw):
+        p = _project(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
+        self.recorder.add(self.name, p.query, p.key, p.mask, p.scale)
+        return p.finish(_sdpa(p))
 
 
-_STANDS_IN_FOR = PLAIN_PROCESSORS + (RecordingProcessor,)
+@dataclass
+class CrossAttentionInjection:
+    """Prompt-to-Prompt's attention replacement (Hertz et al., 2023) between batch rows of one UNet call: in each
+    ``target`` row a cross-attention map takes column ``columns[j]`` of its ``source`` row's map, except the columns
+    where ``fresh[j]`` (the tokens whose own attention is wanted). Off while ``active`` is False."""
+
+    source: list[int]
+    target: list[int]
+    columns: torch.Tensor  # (L_k,) long: the source token each target token reads its map from
+    fresh: torch.Tensor  # (L_k,) bool: target tokens that keep their own map
+    active: bool = True
+
+    def __post_init__(self):
+        if len(self.source) != len(self.target):
+            raise ValueError(f"{len(self.source)} source rows for {len(self.target)} target rows: pair them")
+        if self.columns.shape != self.fresh.shape:
+            raise ValueError(f"columns {tuple(self.columns.shape)} and fresh {tuple(self.fresh.shape)} differ")
+
+
+class InjectionProcessor:
+    """Cross-attention whose maps in the injection's target rows come from its source rows; exact SDPA otherwise.
+    The maps are built explicitly (queries x text tokens, small next to self-attention's queries x queries)."""
+
+    def __init__(self, injection: CrossAttentionInjection):
+        self.injection = injection
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, *a, **kw):
+        p = _project(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
+        inj = self.injection
+        if not inj.active or encoder_hidden_states is None:
+            return p.finish(_sdpa(p))
+        if p.key.shape[-2] != len(inj.columns):
+            raise ValueError(f"the injection maps {len(inj.columns)} tokens, the text has {p.key.shape[-2]}")
+        scores = p.query.float() @ p.key.float().transpose(-1, -2) * p.scale
+        probs = (scores if p.mask is None else scores + p.mask.float()).softmax(dim=-1)
+        source = probs[inj.source][..., inj.columns.to(probs.device)]
+        probs[inj.target] = torch.where(inj.fresh.to(probs.device), probs[inj.target], source)
+        return p.finish(probs.to(p.value.dtype) @ p.value)
+
+
+_STANDS_IN_FOR = PLAIN_PROCESSORS + (RecordingProcessor, InjectionProcessor)
 
 
 @contextmanager
-def recording(
-    model: torch.nn.Module, layers: Iterable[AttentionLayer], recorder: AttentionRecorder
-) -> Iterator[AttentionRecorder]:
-    """Installs a ``RecordingProcessor`` on ``layers`` (only those) and restores the exact previous processor objects
-    on exit, whatever happens. A layer with a custom processor (e.g. IP-Adapter) is refused rather than replaced."""
+def _installed(model: torch.nn.Module, layers: Iterable[AttentionLayer], make, what: str) -> Iterator[None]:
+    """Puts ``make(layer)`` on ``layers`` (only those) and restores the exact previous processor objects on exit,
+    whatever happens. A layer with a custom processor (e.g. IP-Adapter) is refused rather than replaced."""
     previous: list[tuple[torch.nn.Module, object]] = []
     try:
         for layer in layers:
             processor = layer.module.processor
             if not isinstance(processor, _STANDS_IN_FOR):
                 raise ValueError(
-                    f"attention layer {layer.name} uses {type(processor).__name__}, which cannot be recorded from: "
+                    f"attention layer {layer.name} uses {type(processor).__name__}, which cannot be {what}: "
                     "leave it out of the selection, or use plain attention there"
                 )
             previous.append((layer.module, processor))
-            layer.module.set_processor(RecordingProcessor(recorder, layer.name))
-        yield recorder
+            layer.module.set_processor(make(layer))
+        yield
     finally:
         for module, processor in reversed(previous):
             module.set_processor(processor)
+
+
+@contextmanager
+def recording(
+    model: torch.nn.Module, layers: Iterable[AttentionLayer], recorder: AttentionRecorder
+) -> Iterator[AttentionRecorder]:
+    """Installs a ``RecordingProcessor`` on ``layers`` (only those) for the ``with`` block (see ``_installed``)."""
+    with _installed(model, layers, lambda layer: RecordingProcessor(recorder, layer.name), "recorded from"):
+        yield recorder
+
+
+@contextmanager
+def injecting(model: torch.nn.Module, injection: CrossAttentionInjection) -> Iterator[CrossAttentionInjection]:
+    """Installs an ``InjectionProcessor`` on every cross-attention layer of ``model`` for the ``with`` block."""
+    with _installed(model, select_layers(model, "cross"), lambda layer: InjectionProcessor(injection), "injected"):
+        yield injection
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -1,4 +1,5 @@
-"""DDIM inversion (Song et al., 2021; Mokady et al., 2023 for its use in editing) over a denoiser callable.
+"""DDIM inversion (Song et al., 2021; Mokady et al., 2023 for its use in editing) over a denoiser callable, and
+null-text optimization (Mokady et al., 2023) that makes guided sampling retrace an inversion.
 
 A denoiser maps (latents, timestep) to the network's prediction in its own parameterisation (epsilon or v). The
 inversion runs the deterministic DDIM sampler (eta = 0) backwards: each step is the exact algebraic inverse of
@@ -94,3 +95,73 @@ def ddim_sample(denoiser: Denoiser, latents: torch.Tensor, scheduler: DDIMSchedu
     for t in scheduler.timesteps:
         latents = scheduler.step(denoiser(latents, t), t, latents, eta=0.0).prev_sample
     return latents
+
+
+def ddim_step(scheduler: DDIMScheduler, pred: torch.Tensor, timestep, x: torch.Tensor) -> torch.Tensor:
+    """x_{t-1} of DDIM (eta 0) from the network's (guided) prediction at x_t, as ``scheduler.step`` computes it but
+    differentiable in ``pred`` and without touching the scheduler's state."""
+    alpha, alpha_prev = step_alphas(scheduler, timestep)
+    kind = scheduler.config.prediction_type
+    eps, x0 = to_space(pred, x, alpha, kind, "epsilon"), to_space(pred, x, alpha, kind, "x0")
+    return alpha_prev.to(x).sqrt() * x0 + (1 - alpha_prev).to(x).sqrt() * eps
+
+
+def fit_null_text(
+    step: Callable[[torch.Tensor], torch.Tensor],
+    phi: torch.Tensor,
+    goal: torch.Tensor,
+    optimizer: torch.optim.Optimizer,
+    steps: int,
+    mask: torch.Tensor | None = None,
+    tolerance: float = 0.0,
+) -> float:
+    """Null-text inversion's inner loop: ``steps`` optimizer steps on ``phi`` (a leaf the optimizer holds) for
+    mean ||goal - step(phi)||^2, over the latent positions where ``mask`` (H, W) is True if given; stops early once the
+    loss is below ``tolerance``. Returns the last loss."""
+    loss = torch.zeros(())
+    for _ in range(steps):
+        error = step(phi) - goal
+        loss = (error if mask is None else error[..., mask]).float().pow(2).mean()
+        if loss.item() < tolerance:
+            break
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return loss.item()
+
+
+def null_text_optimization(
+    denoiser: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
+    trajectory: list[torch.Tensor],
+    scheduler: DDIMScheduler,
+    cond: torch.Tensor,
+    phi: torch.Tensor,
+    guidance_scale: float,
+    steps: int = 10,
+    learning_rate: float = 1e-2,
+    tolerance: float = 1e-5,
+) -> list[torch.Tensor]:
+    """phi_t for every sampling step such that guided DDIM from the inversion's z_N under ``cond`` retraces
+    ``trajectory`` (Mokady et al., Eq. 6: min ||z*_{t-1} - z_{t-1}(z_t, phi_t, C)||^2, phi_t starting from phi_{t+1}).
+
+    ``denoiser(latents, t, embeds)`` is the network's prediction. Follows the authors' code: Adam at
+    ``learning_rate`` x (1 - i / 2N) at step i of N, stopping early below ``tolerance`` + 2e-5 i."""
+    n = len(scheduler.timesteps)
+    x, phis = trajectory[-1], []
+    phi = phi.detach().clone().float()
+    for i, t in enumerate(scheduler.timesteps):
+        with torch.no_grad():
+            cond_pred = denoiser(x, t, cond)
+
+        def step(p, x=x, t=t, cond_pred=cond_pred):
+            uncond = denoiser(x, t, p.to(cond.dtype))
+            return ddim_step(scheduler, uncond + guidance_scale * (cond_pred - uncond), t, x)
+
+        phi.requires_grad_(True)
+        optimizer = torch.optim.Adam([phi], lr=learning_rate * (1 - i / (2 * n)))
+        fit_null_text(step, phi, trajectory[n - i - 1], optimizer, steps, tolerance=tolerance + 2e-5 * i)
+        phi = phi.detach()
+        phis.append(phi.clone())
+        with torch.no_grad():
+            x = step(phi)
+    return phis

@@ -33,22 +33,28 @@ from PIL import Image
 
 from genreg import load_pipeline
 from genreg.methods.hifi_tuner import (
+    SUBJECT_FILE,
     HiFiSubject,
     HiFiTunerConfig,
     Reference,
+    Replacement,
     generate,
     reference_guided,
+    replace_subject,
     train_hifi_tuner,
 )
 from genreg.methods.textual_inversion import TextualInversionConfig, train_textual_inversion
 from genreg.profiling import rss_mib
 from genreg.tinyworld import Evaluator, render
+from genreg.tinyworld.edits import grow_mask, masked_psnr, scene_reading
 from genreg.tinyworld.subjects import (
     SUBJECTS,
     Subject,
     evaluation_cases,
     object_mask,
     reference_scenes,
+    replacement_cases,
+    replacement_checks,
     score_subject,
     write_kit,
 )
@@ -75,6 +81,13 @@ LABELS = {
     "reg": "+ parameter regularization",
     "stepwise": "+ step-wise representations",
     "rgg": "+ reference-guided generation",
+}
+
+# Subject replacement (Algorithm 3) against a plain inversion + prompt edit, adding its parts one by one.
+REPLACE_ROWS = {
+    "inversion + prompt edit": Replacement(null_text_steps=0, inject=False),
+    "+ null-text optimization": Replacement(inject=False),
+    "+ attention injection (HiFi replacement)": Replacement(),
 }
 
 
@@ -198,6 +211,113 @@ def score_row(args, evaluator, subject, rows: list, label: str, row: str, out: P
     rows.append(entry)
 
 
+def replacement(args, evaluator) -> None:
+    """``--replace N``: N scenes per subject whose object at one place becomes the subject (its regularized,
+    step-wise run of the ladder, trained here if the work folder lacks it), by each of ``REPLACE_ROWS``."""
+    pipe, rows, work, strips = fresh_pipeline(args.model), [], Path(args.work_dir), []
+    for subject in [SUBJECTS[n] for n in args.subjects]:
+        write_kit(subject, work / "kits" / subject.name)
+        for seed in args.seeds:
+            out = work / "reg" / subject.name / f"seed{seed}"
+            if not (out / SUBJECT_FILE).exists():
+                out, _ = trained(args, "reg", subject, seed)
+            hifi = HiFiSubject.load(out)
+            for k, case in enumerate(replacement_cases(subject, args.replace, seed)):
+                (image, masks), (_, after) = render(case.source), render(case.target(subject))
+                outside = ~grow_mask(masks[case.index] | after[case.index], 1)
+                # the null-text rows share one inversion and null-text optimization: the later row's time adds the
+                # optimization's, measured as the first null-text row's time less the plain row's
+                fitted, times, strip = None, {}, [image]
+                for label, settings in REPLACE_ROWS.items():
+                    start = time.perf_counter()
+                    edited, info = replace_subject(
+                        pipe,
+                        hifi,
+                        image,
+                        case.prompt(),
+                        case.prompt(subject.shape),
+                        guidance_scale=SAMPLING["guidance_scale"],
+                        num_inference_steps=SAMPLING["num_inference_steps"],
+                        settings=settings,
+                        inverted=fitted if settings.null_text_steps else None,
+                    )
+                    seconds = times[label] = time.perf_counter() - start
+                    if settings.null_text_steps and fitted is None:
+                        fitted, optimization = info["inverted"], seconds - times[next(iter(REPLACE_ROWS))]
+                    elif settings.null_text_steps:
+                        seconds += optimization
+                    strip.append(edited)
+                    checks = replacement_checks(evaluator.read([edited])[0], case, subject)
+                    psnr = masked_psnr(np.asarray(edited), np.asarray(image), outside)
+                    entry = {"row": label, "subject": subject.name, "seed": seed, "case": k, "seconds": seconds}
+                    rows.append(entry | checks | {"psnr_outside": psnr, "objects": len(case.source.objects)})
+                    print(json.dumps(rows[-1]), flush=True)
+                # the ceiling: the last row's reconstruction of the source, read against the source scene
+                reading, truth = evaluator.read([info["reconstruction"]])[0], scene_reading(case.source)
+                kept = reading.objects == truth.objects and reading.background == truth.background
+                psnr = masked_psnr(np.asarray(info["reconstruction"]), np.asarray(image), outside)
+                if k < 2:
+                    strips.append([*strip, info["reconstruction"]])
+                rows.append(
+                    entry
+                    | {"row": "reconstruction (no edit)", "seconds": 0.0, "identity": False}
+                    | {"kept": kept, "psnr_outside": psnr, "objects": len(case.source.objects)}
+                )
+    write_replacement(args, rows, shlex.join(["python", "scripts/bench_hifi_tuner.py", *sys.argv[1:]]))
+    # examples: per row of the picture, the source, each REPLACE_ROWS result and the reconstruction
+    size = strips[0][0].size[0]
+    sheet = Image.new("RGB", (size * len(strips[0]), size * len(strips)), "white")
+    for y, strip in enumerate(strips):
+        for x, picture in enumerate(strip):
+            sheet.paste(picture.convert("RGB"), (x * size, y * size))
+    sheet.resize((sheet.width * 2, sheet.height * 2), Image.NEAREST).save(RESULTS / f"{args.name}.png")
+
+
+def write_replacement(args, rows: list[dict], command: str) -> None:
+    table = []
+    for row in dict.fromkeys(r["row"] for r in rows):
+        group = [r for r in rows if r["row"] == row]
+        entry = {"row": row, "scenes": len(group), "seconds": float(np.mean([r["seconds"] for r in group]))}
+        for n in (1, 2, None):
+            part = [r for r in group if n is None or r["objects"] == n]
+            key = "" if n is None else f"_{n}"
+            entry |= {f"identity{key}": float(np.mean([r["identity"] for r in part]))}
+            entry |= {f"kept{key}": float(np.mean([r["kept"] for r in part]))}
+            entry |= {f"both{key}": float(np.mean([r["identity"] and r["kept"] for r in part]))}
+        entry["psnr_outside"] = float(np.mean([r["psnr_outside"] for r in group]))
+        table.append(entry)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / f"{args.name}.json").write_text(
+        json.dumps({"settings": vars(args), "command": command, "table": table, "runs": rows}, indent=1)
+    )
+    lines = [
+        "# HiFi Tuner: subject replacement",
+        "",
+        f"Command: `{command}`",
+        "",
+        f"Bundled `tinyworld` model; {len(args.subjects)} subjects x {args.replace} scenes (one and two objects in"
+        f" turn); each subject is the ladder's regularized step-wise run ({args.steps} steps). The source caption "
+        "names the object to replace by size and shape, every other object by size, colour and shape, and the "
+        "background; the target caption swaps the object's shape word for the subject's. 25 DDIM steps, guidance "
+        "5, K = 10 null-text steps per sampling step. Identity: the evaluator reads the subject's shape, colour, "
+        "pattern and outline at the object's place; kept: the object count, the background, the replaced object's"
+        " size and every attribute of the other objects (the reconstruction row: every attribute of the source "
+        "scene); PSNR over the pixels outside both the object and the subject (grown by 1 px).",
+        "",
+        "| row | scenes | identity | kept | both | identity / kept, 1 object | 2 objects | PSNR outside | s/image |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in table:
+        lines.append(
+            f"| {r['row']} | {r['scenes']} | {r['identity']:.3f} | {r['kept']:.3f} | {r['both']:.3f} | "
+            f"{r['identity_1']:.3f} / {r['kept_1']:.3f} | {r['identity_2']:.3f} / {r['kept_2']:.3f} | "
+            f"{r['psnr_outside']:.2f} | {r['seconds']:.1f} |"
+        )
+    lines.append("")
+    (RESULTS / f"{args.name}.md").write_text("\n".join(lines))
+    print("\n".join(lines))
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="tinyworld")
@@ -215,6 +335,9 @@ def main() -> None:
         type=float,
         help=f"instead of the ladder: the regularized shared set at each w_s on {TUNING_SUBJECT.name}",
     )
+    p.add_argument(
+        "--replace", type=int, help="instead of the ladder: subject replacement in N scenes per subject (e.g. 8)"
+    )
     p.add_argument("--work_dir", default="runs/bench_hifi_tuner")
     p.add_argument("--name", default=None, help="results file stem: bench/results/<name>.{json,md}")
     p.add_argument("--train", choices=list(RUNS), help=argparse.SUPPRESS)  # internal: one training process
@@ -222,7 +345,10 @@ def main() -> None:
     args = p.parse_args()
     if args.train:
         return train_one(args)
-    args.name = args.name or ("hifi_tuner_reg_tuning" if args.tune_reg else "hifi_tuner")
+    default = "hifi_tuner_replacement" if args.replace else "hifi_tuner_reg_tuning" if args.tune_reg else "hifi_tuner"
+    args.name = args.name or default
+    if args.replace:
+        return replacement(args, Evaluator.load())
 
     evaluator = Evaluator.load()
     work = Path(args.work_dir)
@@ -253,7 +379,7 @@ def write_results(args, rows: list[dict], command: str) -> None:
         group = [r for r in rows if r["row"] == row]
         mean = {m: float(np.mean([r[m] for r in group])) for m in METRICS}
         costs = ("seconds", "peak_mib", "sample_seconds_per_image")
-        cost = {m: float(np.mean([r[m] for r in group])) for m in costs if m in group[0]}
+        cost = {m: float(np.median([r[m] for r in group])) for m in costs if m in group[0]}  # robust to one busy run
         table.append({"row": row, "images": sum(r["images"] for r in group)} | mean | cost)
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / f"{args.name}.json").write_text(
@@ -264,13 +390,13 @@ def write_results(args, rows: list[dict], command: str) -> None:
         "",
         f"Command: `{command}`",
         "",
-        f"Bundled `tinyworld` model; {len(args.subjects)} subjects x seeds {args.seeds}; {args.steps} steps at batch "
-        f"{args.batch_size}, lr {args.learning_rate:g} (Adam, constant); HiFi: n = 5 vectors, w_s = "
-        f"{args.reg_weight:g} where on, step-wise {args.stepwise_steps} steps per sampling step. Each row draws 8 new "
-        f"contexts x {args.images_per_case} images per run (25 DDIM steps, guidance 5). Train s and peak MiB "
-        "(resident, above the loaded model) of the row's training; the step-wise and reference-guided rows' run is "
-        "the regularized one's, its time both stages; sample s: seconds per image drawn (reference-guided: one image "
-        "per call, with its draw, inversion and phi_h steps).",
+        f"Bundled `tinyworld` model; {1 if args.tune_reg else len(args.subjects)} subjects x seeds {args.seeds}; "
+        f"{args.steps} steps at batch {args.batch_size}, lr {args.learning_rate:g} (Adam, constant); HiFi: n = 5 "
+        f"vectors, w_s = {args.reg_weight:g} where on, step-wise {args.stepwise_steps} steps per sampling step. Each "
+        f"row draws 8 new contexts x {args.images_per_case} images per run (25 DDIM steps, guidance 5). Train s and "
+        "peak MiB (resident, above the loaded model) of the row's training, medians over the runs; the step-wise and "
+        "reference-guided rows' run is the regularized one's, its time both stages; sample s: seconds per image drawn "
+        "(reference-guided: one image per call, with its draw, inversion and phi_h steps).",
         "",
         "| row | images | identity | shape | colour | pattern | outline | embedding cos | alignment | train s "
         "| peak MiB | sample s |",

@@ -272,19 +272,21 @@ def measure_memory(args) -> None:
         row |= {k: measured[k] for k in ("peak_rss_mib", "peak_rss_above_loaded_mib")}
         print(name, row["peak_rss_mib"], flush=True)
     memory = f"peak memory measured again over {args.memory_steps} steps per row: `--memory_only`"
-    write_results(args, rows, earlier["threshold"], earlier["lora_trainable"], f"{earlier['command']}` ({memory})")
+    write_results(args, rows, earlier["threshold"], earlier["lora_trainable"], earlier["command"], memory)
 
 
-def write_results(args, rows: dict, threshold: float, count: int, command: str) -> None:
+def write_results(args, rows: dict, threshold: float, count: int, command: str, note: str = "") -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     settings = {k: v for k, v in vars(args).items() if k not in ("row", "kit")}
     result = {"settings": settings, "command": command, "threshold": threshold, "lora_trainable": count, "rows": rows}
+    if note:
+        result["note"] = note
     (RESULTS / "sara.json").write_text(json.dumps(result, indent=2))
     base = rows.get("base", {}).get("retained_all_correct")
     lines = [
         f"# SaRA vs LoRA vs full fine-tuning: learning the held-out {args.concept!r}",
         "",
-        f"`{command}`; {args.steps} steps, batch {args.batch_size}, "
+        f"`{command}`{f' ({note})' if note else ''}; {args.steps} steps, batch {args.batch_size}, "
         f"kit of {args.kit_size} renders; SaRA threshold {threshold:.3g} (as many weights as LoRA rank "
         f"{args.lora_rank}: {count:,}); {args.eval_prompts} prompts naming the concept, {args.retain_prompts} "
         "standard single-object prompts; 25 DDIM steps, guidance 5.",

@@ -9,7 +9,7 @@ eps(x_t)) of the frozen model, x_t on the frozen model's own samples of the forg
 Columns: forget rate (how often the evaluator reads the forgotten value where a prompt names it, and what it reads
 instead), the same over paraphrases ("an image of ...", the concept named beside its pattern and outline),
 retained all-correct on prompts that never name it (against the teacher), images per second at one batch, and
-training time, steps and peak memory. Writes bench/results/sfd.{json,md}.
+training time, steps and peak memory. Writes bench/results/<--name, default sfd>.{json,md}.
 """
 
 from __future__ import annotations
@@ -128,6 +128,7 @@ def main() -> None:
     p.add_argument("--rows", nargs="+", default=["teacher", "sid", "sfd", "esd"])
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--work_dir", default="runs/bench_sfd")
+    p.add_argument("--name", default="sfd", help="results file stem: bench/results/<name>.{json,md}")
     args = p.parse_args()
 
     attribute = next(a for a, values in OBJECT_ATTRIBUTES.items() if args.forget in values)
@@ -184,7 +185,7 @@ def main() -> None:
 
 def write_results(args, rows: dict) -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "sfd.json").write_text(json.dumps({"settings": vars(args), "rows": rows}, indent=2))
+    (RESULTS / f"{args.name}.json").write_text(json.dumps({"settings": vars(args), "rows": rows}, indent=2))
     teacher = rows.get("teacher", {})
     lines = [
         f"# Score Forgetting Distillation: forget {args.forget!r} (override {args.override!r})",
@@ -203,7 +204,7 @@ def write_results(args, rows: dict) -> None:
             f"{r['retained_all_correct']:.3f} | {r['images_per_second']:.1f} | {ratio:.1f}x | "
             f"{r['training_seconds']:.0f} ({r['training_steps']}) | {r['peak_rss_mib_growth']:.0f} |"
         )
-    (RESULTS / "sfd.md").write_text("\n".join(lines) + "\n")
+    (RESULTS / f"{args.name}.md").write_text("\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

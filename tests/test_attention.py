@@ -7,10 +7,13 @@ from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
 from genreg import attention
 from genreg.attention import (
     AttentionRecorder,
+    CrossAttentionInjection,
+    InjectionProcessor,
     RecordingProcessor,
     attention_layers,
     attention_map_energy,
     efficient_processor,
+    injecting,
     recording,
     select_layers,
     use_efficient_attention,
@@ -273,3 +276,54 @@ def test_chunked_energy_peak_memory_is_far_below_the_materialised_one():
     print(out)
     ratio = float(out.split("ratio ")[1].split("x")[0])
     assert ratio >= 4, out
+
+
+# --- injection -------------------------------------------------------------------------------------------------------
+
+
+def test_injection_replaces_the_target_rows_maps_except_fresh_tokens(sd_unet):
+    """Row 1 takes row 0's cross-attention maps for tokens 0-4 and keeps its own for 5-6: row 1 changes, row 0 does
+    not; all-fresh or inactive injection changes nothing."""
+    inputs = unet_inputs(sd_unet, batch=2)
+    with torch.no_grad():
+        plain = run(sd_unet, inputs)
+    columns, fresh = torch.arange(7), torch.tensor([False] * 5 + [True] * 2)
+    with torch.no_grad(), injecting(sd_unet, CrossAttentionInjection([0], [1], columns, torch.ones(7, dtype=bool))):
+        torch.testing.assert_close(run(sd_unet, inputs), plain, rtol=1e-5, atol=1e-5)
+    injection = CrossAttentionInjection([0], [1], columns, fresh)
+    with torch.no_grad(), injecting(sd_unet, injection):
+        injected = run(sd_unet, inputs)
+    torch.testing.assert_close(injected[0], plain[0], rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(injected[1], plain[1], atol=1e-4)
+    injection.active = False
+    with torch.no_grad(), injecting(sd_unet, injection):
+        torch.testing.assert_close(run(sd_unet, inputs), plain, rtol=1e-5, atol=1e-5)
+
+
+def test_injected_maps_are_the_sources_columns(sd_unet):
+    """One layer's output is that of attention whose target maps hold the source's columns (shuffled by ``columns``)
+    on the injected tokens and their own on the fresh ones."""
+    layer = select_layers(sd_unet, "cross")[0]
+    attn = layer.module
+    g = torch.Generator().manual_seed(1)
+    hidden = torch.randn(2, 16, attn.to_q.in_features, generator=g)
+    text = torch.randn(2, 7, attn.to_k.in_features, generator=g)
+    columns = torch.tensor([0, 2, 1, 3, 4, 5, 6])
+    fresh = torch.tensor([False, False, False, True, True, True, True])
+    with torch.no_grad():
+        out = InjectionProcessor(CrossAttentionInjection([0], [1], columns, fresh))(attn, hidden, text)
+        q = attn.to_q(hidden).view(2, 16, attn.heads, -1).transpose(1, 2)
+        k = attn.to_k(text).view(2, 7, attn.heads, -1).transpose(1, 2)
+        v = attn.to_v(text).view(2, 7, attn.heads, -1).transpose(1, 2)
+        probs = (q @ k.transpose(-1, -2) * attn.scale).softmax(-1)
+        probs[1] = torch.where(fresh, probs[1], probs[0][..., columns])
+        expected = attn.to_out[0]((probs @ v).transpose(1, 2).reshape(2, 16, -1))
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_injection_refuses_unpaired_rows_and_mismatched_tokens(sd_unet):
+    with pytest.raises(ValueError, match="pair them"):
+        CrossAttentionInjection([0, 1], [2], torch.arange(7), torch.zeros(7, dtype=bool))
+    injection = CrossAttentionInjection([0], [1], torch.arange(5), torch.zeros(5, dtype=bool))
+    with torch.no_grad(), injecting(sd_unet, injection), pytest.raises(ValueError, match="maps 5 tokens"):
+        run(sd_unet, unet_inputs(sd_unet))

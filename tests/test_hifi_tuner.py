@@ -15,10 +15,13 @@ from genreg.methods.hifi_tuner import (
     SUBJECT_FILE,
     HiFiSubject,
     HiFiTunerConfig,
+    Replacement,
     empty_tail,
     generate,
     masked_mse,
     replace_last,
+    replace_subject,
+    token_alignment,
     train_hifi_tuner,
 )
 from genreg.methods.hifi_tuner.reference import align_masks, warp
@@ -292,3 +295,46 @@ def test_reference_guided_generation_picks_aligns_inverts_and_guides(tmp_path, k
     first = np.asarray(info["first"], np.float32)
     assert not np.array_equal(np.asarray(plain), first)  # the pasted inverted reference changes the draw
     assert not np.array_equal(np.asarray(image), np.asarray(plain))  # and phi_h's steps change it further
+
+
+# --- subject replacement (Algorithm 3)
+
+
+def test_token_alignment_keeps_the_sources_maps_but_for_the_swapped_word_and_the_vectors():
+    tokenizer = tiny_pipe().tokenizer
+    columns, fresh = token_alignment(tokenizer, "a red circle on the left", "a red star on the left", 3)
+    ids = tokenizer("a red star on the left").input_ids
+    swapped = ids.index(tokenizer.convert_tokens_to_ids("star</w>"))
+    assert fresh.nonzero().flatten().tolist() == [swapped, 74, 75, 76]
+    assert torch.equal(columns[:20], torch.arange(20))
+    # a longer source: the words after the swap read the source's shifted columns
+    columns, fresh = token_alignment(tokenizer, "a red big circle on the left", "a red star on the left", 3)
+    assert fresh[swapped] and columns[swapped + 1] == swapped + 2
+    with pytest.raises(ValueError, match="same tokens"):
+        token_alignment(tokenizer, "a red circle", "a red circle", 3)
+
+
+def test_replacement_inverts_once_and_reuses_its_inversion(tmp_path, kit):
+    pipe = tiny_pipe()
+    subject = HiFiSubject.load(train_hifi_tuner(tiny_pipe(), hifi_config(kit), train_config(tmp_path)))
+    image = Image.open(kit / "a.png")
+    prompts = ("a red square in the center", "a red circle in the center")
+    settings = Replacement(null_text_steps=2)
+    edited, info = replace_subject(pipe, subject, image, *prompts, guidance_scale=3.0, settings=settings)
+    again, _ = replace_subject(pipe, subject, image, *prompts, guidance_scale=3.0, inverted=info["inverted"])
+    assert edited.size == info["reconstruction"].size == (32, 32)
+    assert np.array_equal(np.asarray(edited), np.asarray(again))
+    x_T, phis = info["inverted"]
+    assert len(phis) == 3 and not torch.equal(phis[0], phis[-1])  # one null text per step, fitted
+    plain, _ = replace_subject(
+        pipe,
+        subject,
+        image,
+        *prompts,
+        guidance_scale=3.0,
+        inverted=info["inverted"],
+        settings=Replacement(inject=False),
+    )
+    assert not np.array_equal(np.asarray(plain), np.asarray(edited))  # the injection changes the drawing
+    with pytest.raises(ValueError, match="invert again"):
+        replace_subject(pipe, subject, image, *prompts, inverted=(x_T, phis[:2]))

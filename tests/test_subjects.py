@@ -8,7 +8,15 @@ import json
 import pytest
 
 from genreg.tinyworld import Scene, parse_prompt, render
-from genreg.tinyworld.subjects import SUBJECTS, evaluation_cases, reference_scenes, score_subject, write_kit
+from genreg.tinyworld.subjects import (
+    SUBJECTS,
+    evaluation_cases,
+    reference_scenes,
+    replacement_cases,
+    replacement_checks,
+    score_subject,
+    write_kit,
+)
 
 SUBJECT = SUBJECTS["striped-orange-star"]
 
@@ -64,3 +72,31 @@ def test_a_different_pattern_breaks_identity_but_not_alignment(evaluator):
     images = [render(dotted(c.scene))[0] for c in cases]
     scores = score_subject(evaluator, images, cases, SUBJECT, references)
     assert scores["identity"] == 0.0 and scores["pattern"] == 0.0 and scores["alignment"] == 1.0
+
+
+@pytest.mark.parametrize("name", list(SUBJECTS))
+def test_replacement_cases_swap_one_word_and_perfect_renders_score_as_they_should(evaluator, name):
+    """The target render reads as the subject at the object's place with the rest kept; the source render keeps the
+    rest but shows the old object, never the subject."""
+    subject = SUBJECTS[name]
+    cases = replacement_cases(subject, 6)
+    assert {len(c.source.objects) for c in cases} == {1, 2}
+    for case in cases:
+        old = case.source.objects[case.index]
+        assert old.shape != subject.shape and old.color != subject.color
+        source, target = case.prompt(), case.prompt(subject.shape)
+        assert source.replace(f" {old.shape} ", f" {subject.shape} ", 1) == target and old.color not in source
+    readings = evaluator.read([render(c.target(subject))[0] for c in cases] + [render(c.source)[0] for c in cases])
+    checks = [replacement_checks(r, c, subject) for r, c in zip(readings, cases * 2, strict=True)]
+    assert all(c == {"identity": True, "kept": True} for c in checks[: len(cases)])
+    assert all(c == {"identity": False, "kept": True} for c in checks[len(cases) :])
+
+
+def test_a_recoloured_other_object_is_not_kept(evaluator):
+    case = next(c for c in replacement_cases(SUBJECT, 4) if len(c.source.objects) == 2)
+    target = case.target(SUBJECT)
+    other = 1 - case.index
+    objects = list(target.objects)
+    objects[other] = dataclasses.replace(objects[other], color="red" if objects[other].color != "red" else "blue")
+    (reading,) = evaluator.read([render(dataclasses.replace(target, objects=tuple(objects)))[0]])
+    assert replacement_checks(reading, case, SUBJECT) == {"identity": True, "kept": False}

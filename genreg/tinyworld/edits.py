@@ -91,7 +91,7 @@ def sample_edits(n: int, seed: int, holdout: bool = True, details: bool = False)
     return cases
 
 
-def _grow(mask: np.ndarray, pixels: int) -> np.ndarray:
+def grow_mask(mask: np.ndarray, pixels: int) -> np.ndarray:
     if pixels <= 0:
         return mask
     img = Image.fromarray(mask.astype(np.uint8) * 255).filter(ImageFilter.MaxFilter(2 * pixels + 1))
@@ -108,7 +108,7 @@ def edit_region(case: EditCase, grow: int = 1) -> np.ndarray:
     else:
         region = source_masks[case.index] | target_masks[case.index]
     region |= (np.asarray(source) != np.asarray(target)).any(axis=-1)
-    return _grow(region, grow)
+    return grow_mask(region, grow)
 
 
 def scene_reading(scene: Scene) -> Reading:

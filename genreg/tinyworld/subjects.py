@@ -10,20 +10,27 @@ Metrics (:func:`score_subject`): *identity*, the evaluator reads the subject's f
 on the object where the prompt put it, or on the closest object when nothing is there; plus the evaluator-embedding
 cosine to the references. *Prompt alignment*, every context attribute the prompt asks for is present (the subject's
 position and size, the background, the second object's position, shape, colour and size).
+
+Replacement cases (:func:`replacement_cases`) put the subject in place of an object of a rendered scene; the source
+caption names that object by its size and shape only (as an image's caption names the thing to replace), the target
+swaps its shape word for the subject's; :func:`replacement_checks` reads identity at the object's place and whether
+everything else was kept.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+import random
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
 
+from .evaluator import SLOT_ATTRIBUTES
 from .render import render
-from .world import DETAIL_WORDS, POSITION_PHRASES, Obj, Scene, object_phrase
+from .world import DETAIL_WORDS, POSITION_PHRASES, Obj, Scene, allowed_values, object_phrase, sample_scene
 
 IDENTITY_ATTRIBUTES = ("shape", "color", "pattern", "outline")
 REFERENCE_LAYOUTS = (("left", "small"), ("right", "large"), ("top", "large"), ("bottom", "small"))
@@ -197,3 +204,59 @@ def score_subject(evaluator, images, cases: list[Case], subject: Subject, refere
     scores = {name: float(np.mean(v)) for name, v in hits.items()}
     scores["embedding_similarity"] = float((emb @ ref).mean())
     return scores
+
+
+@dataclass(frozen=True)
+class ReplaceCase:
+    """Object ``index`` of ``source`` is to become the subject (at its place and size)."""
+
+    source: Scene
+    index: int
+
+    def prompt(self, word: str | None = None) -> str:
+        """The source caption, or with ``word`` the target one: the replaced object by its size and shape (or
+        ``word``), every other object by size, colour and shape, and the background."""
+        parts = []
+        for i, obj in enumerate(self.source.objects):
+            phrase = object_phrase(obj, color=i != self.index)
+            if i == self.index and word is not None:
+                phrase = phrase.rsplit(" ", 1)[0] + f" {word}"
+            parts.append(f"{phrase} {POSITION_PHRASES[obj.position][0]}")
+        return f"{' and '.join(parts)} on a {self.source.background} background"
+
+    def target(self, subject: Subject) -> Scene:
+        objects = list(self.source.objects)
+        objects[self.index] = subject.at(objects[self.index].position, objects[self.index].size)
+        return replace(self.source, objects=tuple(objects))
+
+
+def replacement_cases(subject: Subject, n: int, seed: int = 0) -> list[ReplaceCase]:
+    """``n`` scenes of one and two objects in turn; the object to replace differs from the subject in shape and
+    colour."""
+    rng = random.Random(f"replace-{subject.name}-{seed}")
+    shapes = [s for s in allowed_values("shape", True) if s != subject.shape]
+    colors = [c for c in allowed_values("color", True) if c != subject.color]
+    cases = []
+    for k in range(n):
+        scene = sample_scene(rng, 1 + k % 2)
+        index = rng.randrange(len(scene.objects))
+        objects = list(scene.objects)
+        objects[index] = replace(objects[index], shape=rng.choice(shapes), color=rng.choice(colors))
+        cases.append(ReplaceCase(replace(scene, objects=tuple(objects)), index))
+    return cases
+
+
+def replacement_checks(reading, case: ReplaceCase, subject: Subject) -> dict[str, bool]:
+    """``identity``: the subject's four attributes read at the replaced object's place; ``kept``: the object count,
+    the background, the replaced object's size, and every attribute of every other object."""
+    target = case.target(subject)
+    place = target.objects[case.index]
+    got = reading.objects.get(place.position)
+    identity = got is not None and all(got[a] == getattr(place, a) for a in IDENTITY_ATTRIBUTES)
+    kept = len(reading.objects) == len(target.objects) and reading.background == target.background
+    kept = kept and got is not None and got["size"] == place.size
+    for i, obj in enumerate(target.objects):
+        if i != case.index:
+            seen = reading.objects.get(obj.position)
+            kept = kept and seen is not None and all(seen[a] == getattr(obj, a) for a in SLOT_ATTRIBUTES)
+    return {"identity": identity, "kept": kept}

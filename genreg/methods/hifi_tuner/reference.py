@@ -18,14 +18,15 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 
 import numpy as np
 import PIL.Image
 import torch
 import torch.nn.functional as F
 
-from ...inversion import ddim_invert, required_ddim, step_alphas
-from ...sd import decode_latents, encode_image, to_space
+from ...inversion import ddim_invert, ddim_step, fit_null_text, required_ddim
+from ...sd import decode_latents, encode_image
 from .subject import HiFiSubject
 
 
@@ -102,14 +103,6 @@ def closest_reference(embed: Callable, generated: PIL.Image.Image, references: l
     return int((features[1:] @ features[0]).argmax())
 
 
-def _ddim_step(scheduler, pred: torch.Tensor, t, x: torch.Tensor) -> torch.Tensor:
-    """x_{t-1} of DDIM (eta 0) from the network's (guided) prediction at x_t; differentiable in ``pred``."""
-    alpha, alpha_prev = step_alphas(scheduler, t)
-    eps = to_space(pred, x, alpha, scheduler.config.prediction_type, "epsilon")
-    x0 = to_space(pred, x, alpha, scheduler.config.prediction_type, "x0")
-    return alpha_prev.to(x).sqrt() * x0 + (1 - alpha_prev).to(x).sqrt() * eps
-
-
 def reference_guided(
     pipe,
     subject: HiFiSubject,
@@ -143,7 +136,7 @@ def reference_guided(
 
     def guided(x, t, uncond, cond_pred):
         u = model(x, t, uncond)
-        return _ddim_step(scheduler, u + guidance_scale * (cond_pred - u), t, x)
+        return ddim_step(scheduler, u + guidance_scale * (cond_pred - u), t, x)
 
     with torch.no_grad():
         x = x_T
@@ -181,12 +174,8 @@ def reference_guided(
             cond_pred = model(x, t, conds[i])
             x_prev = guided(x, t, phi, cond_pred)
         if first_guided <= i <= last_guided and phi_h is not None:
-            goal = trajectory[steps - i - 1]
-            for _ in range(settings.inner_steps):
-                loss = (guided(x, t, phi_h, cond_pred) - goal)[..., mask].float().pow(2).mean()
-                optimizer.zero_grad()
-                loss.backward()
-                optimizer.step()
+            step = partial(guided, x, t, cond_pred=cond_pred)
+            fit_null_text(step, phi_h, trajectory[steps - i - 1], optimizer, settings.inner_steps, mask)
             with torch.no_grad():
                 x_prev = torch.where(mask, guided(x, t, phi_h, cond_pred), x_prev)
         x = x_prev

@@ -319,12 +319,14 @@ class RecordingProcessor:
 class CrossAttentionInjection:
     """Prompt-to-Prompt's attention replacement (Hertz et al., 2023) between batch rows of one UNet call: in each
     ``target`` row a cross-attention map takes column ``columns[j]`` of its ``source`` row's map, except the columns
-    where ``fresh[j]`` (the tokens whose own attention is wanted). Off while ``active`` is False."""
+    where ``fresh[j]`` (the tokens whose own attention is wanted); with ``normalize`` each query's mixed weights are
+    scaled to sum to one again (source and fresh columns come from two softmaxes). Off while ``active`` is False."""
 
     source: list[int]
     target: list[int]
     columns: torch.Tensor  # (L_k,) long: the source token each target token reads its map from
     fresh: torch.Tensor  # (L_k,) bool: target tokens that keep their own map
+    normalize: bool = True
     active: bool = True
 
     def __post_init__(self):
@@ -351,7 +353,8 @@ class InjectionProcessor:
         scores = p.query.float() @ p.key.float().transpose(-1, -2) * p.scale
         probs = (scores if p.mask is None else scores + p.mask.float()).softmax(dim=-1)
         source = probs[inj.source][..., inj.columns.to(probs.device)]
-        probs[inj.target] = torch.where(inj.fresh.to(probs.device), probs[inj.target], source)
+        mixed = torch.where(inj.fresh.to(probs.device), probs[inj.target], source)
+        probs[inj.target] = mixed / mixed.sum(-1, keepdim=True) if inj.normalize else mixed
         return p.finish(probs.to(p.value.dtype) @ p.value)
 
 

@@ -44,7 +44,7 @@ from genreg.methods.hifi_tuner import (
     train_hifi_tuner,
 )
 from genreg.methods.textual_inversion import TextualInversionConfig, train_textual_inversion
-from genreg.profiling import rss_mib
+from genreg.profiling import peak_rss_mib, reset_peak_rss, rss_mib
 from genreg.tinyworld import Evaluator, render
 from genreg.tinyworld.edits import grow_mask, masked_psnr, scene_reading
 from genreg.tinyworld.subjects import (
@@ -87,7 +87,8 @@ LABELS = {
 REPLACE_ROWS = {
     "inversion + prompt edit": Replacement(null_text_steps=0, inject=False),
     "+ null-text optimization": Replacement(inject=False),
-    "+ attention injection (HiFi replacement)": Replacement(),
+    "+ attention injection, maps as written": Replacement(normalize_maps=False),
+    "+ attention injection, maps renormalized (HiFi replacement)": Replacement(),
 }
 
 
@@ -229,7 +230,8 @@ def replacement(args, evaluator) -> None:
                 # optimization's, measured as the first null-text row's time less the plain row's
                 fitted, times, strip = None, {}, [image]
                 for label, settings in REPLACE_ROWS.items():
-                    start = time.perf_counter()
+                    reset_peak_rss()
+                    before, start = rss_mib(), time.perf_counter()
                     edited, info = replace_subject(
                         pipe,
                         hifi,
@@ -242,6 +244,7 @@ def replacement(args, evaluator) -> None:
                         inverted=fitted if settings.null_text_steps else None,
                     )
                     seconds = times[label] = time.perf_counter() - start
+                    peak = peak_rss_mib() - before
                     if settings.null_text_steps and fitted is None:
                         fitted, optimization = info["inverted"], seconds - times[next(iter(REPLACE_ROWS))]
                     elif settings.null_text_steps:
@@ -250,6 +253,7 @@ def replacement(args, evaluator) -> None:
                     checks = replacement_checks(evaluator.read([edited])[0], case, subject)
                     psnr = masked_psnr(np.asarray(edited), np.asarray(image), outside)
                     entry = {"row": label, "subject": subject.name, "seed": seed, "case": k, "seconds": seconds}
+                    entry["peak_mib"] = peak
                     rows.append(entry | checks | {"psnr_outside": psnr, "objects": len(case.source.objects)})
                     print(json.dumps(rows[-1]), flush=True)
                 # the ceiling: the last row's reconstruction of the source, read against the source scene
@@ -278,6 +282,7 @@ def write_replacement(args, rows: list[dict], command: str) -> None:
     for row in dict.fromkeys(r["row"] for r in rows):
         group = [r for r in rows if r["row"] == row]
         entry = {"row": row, "scenes": len(group), "seconds": float(np.mean([r["seconds"] for r in group]))}
+        entry["peak_mib"] = float(np.max([r.get("peak_mib", 0.0) for r in group]))
         for n in (1, 2, None):
             part = [r for r in group if n is None or r["objects"] == n]
             key = "" if n is None else f"_{n}"
@@ -302,16 +307,18 @@ def write_replacement(args, rows: list[dict], command: str) -> None:
         "5, K = 10 null-text steps per sampling step. Identity: the evaluator reads the subject's shape, colour, "
         "pattern and outline at the object's place; kept: the object count, the background, the replaced object's"
         " size and every attribute of the other objects (the reconstruction row: every attribute of the source "
-        "scene); PSNR over the pixels outside both the object and the subject (grown by 1 px).",
+        "scene); PSNR over the pixels outside both the object and the subject (grown by 1 px); peak MiB: the most "
+        "resident memory above the loaded model during one call (the null-text row holds the optimization).",
         "",
-        "| row | scenes | identity | kept | both | identity / kept, 1 object | 2 objects | PSNR outside | s/image |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| row | scenes | identity | kept | both | identity / kept, 1 object | 2 objects | PSNR outside | s/image "
+        "| peak MiB |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in table:
         lines.append(
             f"| {r['row']} | {r['scenes']} | {r['identity']:.3f} | {r['kept']:.3f} | {r['both']:.3f} | "
             f"{r['identity_1']:.3f} / {r['kept_1']:.3f} | {r['identity_2']:.3f} / {r['kept_2']:.3f} | "
-            f"{r['psnr_outside']:.2f} | {r['seconds']:.1f} |"
+            f"{r['psnr_outside']:.2f} | {r['seconds']:.1f} | {r['peak_mib']:.0f} |"
         )
     lines.append("")
     (RESULTS / f"{args.name}.md").write_text("\n".join(lines))

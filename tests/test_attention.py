@@ -310,15 +310,19 @@ def test_injected_maps_are_the_sources_columns(sd_unet):
     text = torch.randn(2, 7, attn.to_k.in_features, generator=g)
     columns = torch.tensor([0, 2, 1, 3, 4, 5, 6])
     fresh = torch.tensor([False, False, False, True, True, True, True])
-    with torch.no_grad():
-        out = InjectionProcessor(CrossAttentionInjection([0], [1], columns, fresh))(attn, hidden, text)
-        q = attn.to_q(hidden).view(2, 16, attn.heads, -1).transpose(1, 2)
-        k = attn.to_k(text).view(2, 7, attn.heads, -1).transpose(1, 2)
-        v = attn.to_v(text).view(2, 7, attn.heads, -1).transpose(1, 2)
-        probs = (q @ k.transpose(-1, -2) * attn.scale).softmax(-1)
-        probs[1] = torch.where(fresh, probs[1], probs[0][..., columns])
-        expected = attn.to_out[0]((probs @ v).transpose(1, 2).reshape(2, 16, -1))
-    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    for normalize in (False, True):
+        injection = CrossAttentionInjection([0], [1], columns, fresh, normalize=normalize)
+        with torch.no_grad():
+            out = InjectionProcessor(injection)(attn, hidden, text)
+            q = attn.to_q(hidden).view(2, 16, attn.heads, -1).transpose(1, 2)
+            k = attn.to_k(text).view(2, 7, attn.heads, -1).transpose(1, 2)
+            v = attn.to_v(text).view(2, 7, attn.heads, -1).transpose(1, 2)
+            probs = (q @ k.transpose(-1, -2) * attn.scale).softmax(-1)
+            probs[1] = torch.where(fresh, probs[1], probs[0][..., columns])
+            if normalize:
+                probs[1] = probs[1] / probs[1].sum(-1, keepdim=True)
+            expected = attn.to_out[0]((probs @ v).transpose(1, 2).reshape(2, 16, -1))
+        torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
 
 
 def test_injection_refuses_unpaired_rows_and_mismatched_tokens(sd_unet):

@@ -338,3 +338,5 @@ def test_replacement_inverts_once_and_reuses_its_inversion(tmp_path, kit):
     assert not np.array_equal(np.asarray(plain), np.asarray(edited))  # the injection changes the drawing
     with pytest.raises(ValueError, match="invert again"):
         replace_subject(pipe, subject, image, *prompts, inverted=(x_T, phis[:2]))
+    with pytest.raises(ValueError, match="null_text_steps"):
+        Replacement(null_text_steps=-1)

@@ -9,8 +9,7 @@
   SDPA, exactly as ``AttnProcessor2_0`` does, so recording never changes a model's output.
 - An ``AttentionRecorder`` keeps, while capturing, what a method asks for: attention probabilities (with or without
   gradient) or the queries and keys (all a self-attention energy needs: heads x L x d instead of heads x L x L).
-- ``injecting(model, injection)`` replaces cross-attention maps of some batch rows by other rows' (Prompt-to-Prompt),
-  for the tokens it names.
+- ``genreg.injection`` builds on it: some batch rows' cross-attention maps taken from other rows (Prompt-to-Prompt).
 - ``attention_map_energy`` computes sum((A_ref - A_cur)^2) of two attention maps from their queries and keys, in query
   chunks recomputed in backward, so peak memory grows with chunk x L instead of heads x L^2.
 """
@@ -237,7 +236,7 @@ class AttentionRecorder:
 
 
 @dataclass
-class _Projected:
+class Projected:
     """An attention call's queries, keys and values (B, heads, L, d), its prepared mask and softmax scale, and what
     ``finish`` needs to turn the attended values into the layer's output as ``AttnProcessor2_0`` does."""
 
@@ -250,7 +249,7 @@ class _Projected:
     finish: object
 
 
-def _project(attn: ap.Attention, hidden_states, encoder_hidden_states, attention_mask, temb) -> _Projected:
+def project_qkv(attn: ap.Attention, hidden_states, encoder_hidden_states, attention_mask, temb) -> Projected:
     residual = hidden_states
     if attn.spatial_norm is not None:
         hidden_states = attn.spatial_norm(hidden_states, temb)
@@ -294,10 +293,10 @@ def _project(attn: ap.Attention, hidden_states, encoder_hidden_states, attention
     # SDPA's default scale is what AttnProcessor2_0 uses; pass attn.scale only where a model sets another one.
     default = head_dim**-0.5
     sdpa_scale = {} if abs(attn.scale - default) < 1e-12 else {"scale": attn.scale}
-    return _Projected(query, key, value, attention_mask, sdpa_scale.get("scale", default), sdpa_scale, finish)
+    return Projected(query, key, value, attention_mask, sdpa_scale.get("scale", default), sdpa_scale, finish)
 
 
-def _sdpa(p: _Projected) -> torch.Tensor:
+def attend_sdpa(p: Projected) -> torch.Tensor:
     return F.scaled_dot_product_attention(
         p.query, p.key, p.value, attn_mask=p.mask, dropout_p=0.0, is_causal=False, **p.sdpa_scale
     )
@@ -310,59 +309,16 @@ class RecordingProcessor:
         self.recorder, self.name = recorder, name
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, *a, **kw):
-        p = _project(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
+        p = project_qkv(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
         self.recorder.add(self.name, p.query, p.key, p.mask, p.scale)
-        return p.finish(_sdpa(p))
+        return p.finish(attend_sdpa(p))
 
 
-@dataclass
-class CrossAttentionInjection:
-    """Prompt-to-Prompt's attention replacement (Hertz et al., 2023) between batch rows of one UNet call: in each
-    ``target`` row a cross-attention map takes column ``columns[j]`` of its ``source`` row's map, except the columns
-    where ``fresh[j]`` (the tokens whose own attention is wanted); with ``normalize`` each query's mixed weights are
-    scaled to sum to one again (source and fresh columns come from two softmaxes). Off while ``active`` is False."""
-
-    source: list[int]
-    target: list[int]
-    columns: torch.Tensor  # (L_k,) long: the source token each target token reads its map from
-    fresh: torch.Tensor  # (L_k,) bool: target tokens that keep their own map
-    normalize: bool = True
-    active: bool = True
-
-    def __post_init__(self):
-        if len(self.source) != len(self.target):
-            raise ValueError(f"{len(self.source)} source rows for {len(self.target)} target rows: pair them")
-        if self.columns.shape != self.fresh.shape:
-            raise ValueError(f"columns {tuple(self.columns.shape)} and fresh {tuple(self.fresh.shape)} differ")
-
-
-class InjectionProcessor:
-    """Cross-attention whose maps in the injection's target rows come from its source rows; exact SDPA otherwise.
-    The maps are built explicitly (queries x text tokens, small next to self-attention's queries x queries)."""
-
-    def __init__(self, injection: CrossAttentionInjection):
-        self.injection = injection
-
-    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, *a, **kw):
-        p = _project(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
-        inj = self.injection
-        if not inj.active or encoder_hidden_states is None:
-            return p.finish(_sdpa(p))
-        if p.key.shape[-2] != len(inj.columns):
-            raise ValueError(f"the injection maps {len(inj.columns)} tokens, the text has {p.key.shape[-2]}")
-        scores = p.query.float() @ p.key.float().transpose(-1, -2) * p.scale
-        probs = (scores if p.mask is None else scores + p.mask.float()).softmax(dim=-1)
-        source = probs[inj.source][..., inj.columns.to(probs.device)]
-        mixed = torch.where(inj.fresh.to(probs.device), probs[inj.target], source)
-        probs[inj.target] = mixed / mixed.sum(-1, keepdim=True) if inj.normalize else mixed
-        return p.finish(probs.to(p.value.dtype) @ p.value)
-
-
-_STANDS_IN_FOR = PLAIN_PROCESSORS + (RecordingProcessor, InjectionProcessor)
+_STANDS_IN_FOR = PLAIN_PROCESSORS + (RecordingProcessor,)
 
 
 @contextmanager
-def _installed(model: torch.nn.Module, layers: Iterable[AttentionLayer], make, what: str) -> Iterator[None]:
+def installed_processors(model: torch.nn.Module, layers: Iterable[AttentionLayer], make, what: str) -> Iterator[None]:
     """Puts ``make(layer)`` on ``layers`` (only those) and restores the exact previous processor objects on exit,
     whatever happens. A layer with a custom processor (e.g. IP-Adapter) is refused rather than replaced."""
     previous: list[tuple[torch.nn.Module, object]] = []
@@ -386,16 +342,9 @@ def _installed(model: torch.nn.Module, layers: Iterable[AttentionLayer], make, w
 def recording(
     model: torch.nn.Module, layers: Iterable[AttentionLayer], recorder: AttentionRecorder
 ) -> Iterator[AttentionRecorder]:
-    """Installs a ``RecordingProcessor`` on ``layers`` (only those) for the ``with`` block (see ``_installed``)."""
-    with _installed(model, layers, lambda layer: RecordingProcessor(recorder, layer.name), "recorded from"):
+    """Installs a ``RecordingProcessor`` on ``layers`` (only those) for the ``with`` block."""
+    with installed_processors(model, layers, lambda layer: RecordingProcessor(recorder, layer.name), "recorded from"):
         yield recorder
-
-
-@contextmanager
-def injecting(model: torch.nn.Module, injection: CrossAttentionInjection) -> Iterator[CrossAttentionInjection]:
-    """Installs an ``InjectionProcessor`` on every cross-attention layer of ``model`` for the ``with`` block."""
-    with _installed(model, select_layers(model, "cross"), lambda layer: InjectionProcessor(injection), "injected"):
-        yield injection
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -7,17 +7,15 @@ from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
 from genreg import attention
 from genreg.attention import (
     AttentionRecorder,
-    CrossAttentionInjection,
-    InjectionProcessor,
     RecordingProcessor,
     attention_layers,
     attention_map_energy,
     efficient_processor,
-    injecting,
     recording,
     select_layers,
     use_efficient_attention,
 )
+from genreg.injection import CrossAttentionInjection, InjectionProcessor, injecting
 from genreg.testing import tiny_sd_components, tiny_sdxl_components
 
 

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import PIL.Image
 import torch
 
-from ...attention import CrossAttentionInjection, injecting
+from ...injection import CrossAttentionInjection, injecting
 from ...inversion import ddim_invert, ddim_step, null_text_optimization, required_ddim
 from ...sd import decode_latents, encode_image
 from .subject import HiFiSubject

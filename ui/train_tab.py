@@ -44,6 +44,12 @@ INTRO = (
 )
 
 
+def offered(methods: list[Method]) -> list[Method]:
+    """The trainers this tab runs: those that learn a token. A trainer of another result (HiFi Tuner's encoder-output
+    vectors) is not offered here yet."""
+    return [m for m in methods if issubclass(m.config, EmbeddingConfig)]
+
+
 def kit_values(subject, bundled: bool = True) -> dict:
     """Form values that suit tiny-world subject ``subject``: its token and its shape as the initializer word; on the
     bundled model also no flips (kit captions name positions), its shape as Cross Initialization's class and the tiny
@@ -67,9 +73,7 @@ def build(ws: Workspace, methods: list[Method], stop_button: StopButton) -> None
     ``/generate_with_token`` endpoints."""
     from genreg.tinyworld.subjects import SUBJECTS, write_kit
 
-    # The tab learns and samples a token; a trainer of another result (HiFi Tuner's encoder-output vectors) is
-    # not offered here yet.
-    methods = [m for m in methods if issubclass(m.config, EmbeddingConfig)]
+    methods = offered(methods)
     sampler = registry.methods("sampler")[0]
     kit = ws.is_bundled
     subject = next(iter(SUBJECTS.values()))

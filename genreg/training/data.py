@@ -191,15 +191,18 @@ class ImageFolder:
         input_ids = tokenizer(
             example["prompt"], padding="max_length", max_length=tokenizer.model_max_length, truncation=True
         ).input_ids
-        out = {"pixel_values": example["pixel_values"], "input_ids": torch.tensor(input_ids)}
-        out["seed"] = int(rng.integers(2**62))
+        out = {
+            "pixel_values": example["pixel_values"],
+            "input_ids": torch.tensor(input_ids),
+            "seed": int(rng.integers(2**62)),
+        }
         return out | ({"mask": example["mask"]} if masks else {})
 
     def prompts(self, placeholder: str) -> list[str]:
         """Every prompt :meth:`example` can give (each caption, or each template), ``placeholder`` in its ``{}``."""
         captions = [item.caption for item in self.items]
         texts = [t for t in captions if t is not None] + (self.templates if None in captions else [])
-        return [t.format(placeholder) if "{}" in t else t for t in dict.fromkeys(texts)]
+        return [_fill(t, placeholder) for t in dict.fromkeys(texts)]
 
     def example(self, rng: np.random.Generator, placeholder: str) -> dict:
         """One augmented sample: ``pixel_values``, ``prompt`` (caption or template with ``placeholder``), ``mask``.
@@ -212,10 +215,15 @@ class ImageFolder:
             pixels = pixels.flip(-1)
             mask = mask.flip(-1) if mask is not None else None
         text = item.caption if item.caption is not None else self.templates[int(rng.integers(len(self.templates)))]
-        out = {"pixel_values": pixels, "prompt": text.format(placeholder) if "{}" in text else text}
+        out = {"pixel_values": pixels, "prompt": _fill(text, placeholder)}
         if mask is not None:
             out["mask"] = mask
         return out
+
+
+def _fill(text: str, placeholder: str) -> str:
+    """A caption or template with ``placeholder`` in its ``{}`` (text without one is used as it is)."""
+    return text.format(placeholder) if "{}" in text else text
 
 
 @dataclass

@@ -126,7 +126,8 @@ def test_tabs_and_forms_come_from_the_registry(app):
     from genreg.training import TrainConfig
 
     tabs = [c["props"]["label"] for c in app.get_config_file()["components"] if c["type"] == "tabitem"]
-    assert tabs == ["Generate", "Edit", "Personalize", "Fine-tune", "Unlearn", "Memorization"]  # a tab per kind
+    # a tab per kind, then Video (AnimateDiff over the loaded model)
+    assert tabs == ["Generate", "Edit", "Personalize", "Fine-tune", "Unlearn", "Memorization", "Video"]
     params = {
         name: {p["parameter_name"] for p in endpoint["parameters"]}
         for name, endpoint in app.get_api_info()["named_endpoints"].items()
@@ -170,6 +171,28 @@ def test_generate_returns_images_nfe_and_downloads(client):
     assert "NFE per image vs 20 for CFG" in report and "CFG on the same seeds took" in report
     assert cfg_gallery["visible"] and len(cfg_gallery["value"]) == 2
     assert len(files) == 2 and all(is_real_image(f, 64) for f in files)  # the native-size originals
+
+
+def test_video_tab_plays_a_clip_and_offers_mp4_and_gif(client):
+    import imageio_ffmpeg
+
+    video, report, files = client.predict(
+        prompt="a red circle moving to the right",
+        frames=16,
+        steps=3,
+        guidance=5.0,
+        seed=0,
+        fps=8,
+        api_name="/generate_video",
+    )
+    reader = imageio_ffmpeg.read_frames(video["video"])
+    assert next(reader)["size"] == (256, 256) and sum(1 for _ in reader) == 16
+    assert report.startswith("16 frames, 3 steps")
+    assert sorted(Path(f).suffix for f in files) == [".gif", ".mp4"]
+    with pytest.raises(AppError, match="Frames must be a positive whole number"):
+        client.predict(
+            prompt="a red circle moving up", frames=0, steps=3, guidance=5.0, seed=0, fps=8, api_name="/generate_video"
+        )
 
 
 def test_stop_interrupts_sampling(client):

@@ -38,6 +38,7 @@ from genreg.embeddings import load_learned_embeds, placeholder_names, require_ne
 from genreg.io import load_image
 from genreg.models import BUNDLED, load_pipeline, require_multi_step
 from genreg.registry import Method
+from genreg.video import with_motion
 
 logger = logging.getLogger(__name__)
 
@@ -124,6 +125,7 @@ class Workspace:
         self._lock = threading.Lock()
         self._stops: dict[str, threading.Event] = {}
         self._personal: tuple[tuple, DiffusionPipeline] | None = None
+        self._video: DiffusionPipeline | None = None
         self.load(model)
         names = (name.strip() for name in (self.model_name, *BUNDLED, *models))
         self.models = tuple(dict.fromkeys(name for name in names if name))
@@ -154,7 +156,7 @@ class Workspace:
         # Swapped in only once everything is built: a model that fails to load leaves the previous one serving.
         self.base, self.model_name, self._pipes = base, name, pipes
         self.load_seconds = time.perf_counter() - started
-        self._personal = None
+        self._personal = self._video = None
 
     def switch(self, name: str) -> None:
         """Loads ``name`` for every tab, if the operator allows switching and lists ``name``; the name is checked
@@ -176,6 +178,19 @@ class Workspace:
                 f"{method.title} has no pipeline for {type(self.base).__name__} models; load another model"
             )
         return pipe
+
+    def video_pipeline(self) -> DiffusionPipeline:
+        """AnimateDiff over the loaded model (``genreg.video.with_motion``), built on first use: genreg bundles a
+        motion adapter for the tiny world only."""
+        if self._video is None:
+            if not self.is_bundled:
+                raise ValueError(
+                    f"video needs a motion adapter made for {self.model_name}, and the app has the bundled tiny-world "
+                    "one only: load 'tinyworld' here, or use `genreg generate-video --model M --motion-adapter DIR`"
+                )
+            self._video = with_motion(self.base, "tinyworld")
+            self._video.set_progress_bar_config(disable=True)
+        return self._video
 
     @property
     def is_bundled(self) -> bool:

@@ -35,6 +35,17 @@ def model_path() -> Path:
     return path
 
 
+def motion_adapter_path() -> Path:
+    """Directory of the bundled AnimateDiff motion adapter (``MotionAdapter.from_pretrained`` loads it), trained over
+    the bundled model by scripts/train_tinyworld_video.py."""
+    path = Path(__file__).with_name("motion_adapter")
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(
+            f"the bundled motion adapter is missing from {path}; run scripts/train_tinyworld_video.py"
+        )
+    return path
+
+
 __all__ = [
     "BACKGROUNDS",
     "COLORS",
@@ -52,6 +63,7 @@ __all__ = [
     "Scene",
     "caption",
     "model_path",
+    "motion_adapter_path",
     "parse_prompt",
     "render",
     "render_many",

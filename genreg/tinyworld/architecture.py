@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import torch
-from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+from diffusers import AutoencoderKL, DDIMScheduler, MotionAdapter, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 from transformers.convert_slow_tokenizer import bytes_to_unicode
 
@@ -56,9 +56,10 @@ def build_tokenizer(max_length: int = MAX_PROMPT_TOKENS, vocab_size: int | None 
     (``<unusedN>``) to that size, e.g. CLIP's 49,408 for a text encoder of real size.
     """
     alphabet = list(bytes_to_unicode().values())
-    first = vocabulary()[: -len(VOCABULARY_ADDITIONS)]
-    merges = _learn_merges(first)
-    merges += _learn_merges(list(VOCABULARY_ADDITIONS), merges)  # appended: earlier ids never change
+    added = sum(len(group) for group in VOCABULARY_ADDITIONS)
+    merges = _learn_merges(vocabulary()[:-added])
+    for group in VOCABULARY_ADDITIONS:  # appended group by group: earlier ids never change
+        merges += _learn_merges(list(group), merges)
     vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
     for c in alphabet:
         vocab.setdefault(c, len(vocab))
@@ -159,6 +160,19 @@ def build_unet(
         cross_attention_dim=TEXT_HIDDEN,
         attention_head_dim=heads,  # diffusers' legacy name: the number of heads
         norm_num_groups=16,
+    )
+
+
+def build_motion_adapter(widths: tuple[int, ...] = UNET_LAYOUT["widths"]) -> MotionAdapter:
+    """AnimateDiff's motion adapter for the bundled UNet: one temporal transformer after every resnet/attention pair of
+    every level and in the middle (as AnimateDiff v2), 16-wide heads, sinusoidal frame positions up to 32 frames."""
+    return MotionAdapter(
+        block_out_channels=tuple(widths),
+        motion_layers_per_block=1,
+        motion_num_attention_heads=tuple(max(w // 16, 1) for w in widths),
+        motion_norm_num_groups=16,
+        motion_max_seq_length=32,
+        use_motion_mid_block=True,
     )
 
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
@@ -16,6 +18,22 @@ PATTERN_SHADE = 0.45  # pattern marks are the object's colour darkened by this f
 CENTERS = {"left": (15, 32), "right": (49, 32), "top": (32, 15), "bottom": (32, 49), "center": (32, 32)}
 RADII = {"small": 7.0, "large": 12.0}
 _SUPERSAMPLE = 4
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where and how one object is drawn, in 64-pixel units: centre, radius and fill colour. A still scene's objects
+    sit at ``CENTERS``/``RADII`` in their named colour (``placement``); video frames move between them."""
+
+    cx: float
+    cy: float
+    radius: float
+    rgb: tuple[float, float, float]
+
+
+def placement(obj) -> Placement:
+    """The placement a still scene gives ``obj``: its named position, size and colour."""
+    return Placement(*CENTERS[obj.position], RADII[obj.size], COLORS[obj.color])
 
 
 def _polygon(cx: float, cy: float, radius: float, n: int, start_deg: float) -> list[tuple[float, float]]:
@@ -72,17 +90,24 @@ def _pattern_mask(pattern: str, dx: np.ndarray, dy: np.ndarray) -> np.ndarray:
     raise ValueError(f"unknown pattern {pattern!r}")
 
 
-def render(scene: Scene, image_size: int = IMAGE_SIZE) -> tuple[Image.Image, np.ndarray]:
-    """Renders ``scene``; returns the RGB image and masks of shape (n_objects, H, W), bool."""
+def render(
+    scene: Scene, image_size: int = IMAGE_SIZE, placements: Sequence[Placement] | None = None
+) -> tuple[Image.Image, np.ndarray]:
+    """Renders ``scene``; returns the RGB image and masks of shape (n_objects, H, W), bool. ``placements`` (one per
+    object) moves, resizes or recolours the objects, as a video frame does; shape, pattern and outline stay."""
+    if placements is None:
+        placements = [placement(o) for o in scene.objects]
+    elif len(placements) != len(scene.objects):
+        raise ValueError(f"got {len(placements)} placements for a scene of {len(scene.objects)} objects")
     s = _SUPERSAMPLE
     big = image_size * s
     scale = image_size / IMAGE_SIZE * s
     canvas = np.empty((big, big, 3), np.float32)
     canvas[:] = BACKGROUND_RGB[scene.background]
     masks = []
-    for obj in scene.objects:
-        cx, cy = (c * scale + s / 2 for c in CENTERS[obj.position])
-        body = _shape_mask(obj.shape, cx, cy, RADII[obj.size] * scale, big)
+    for obj, place in zip(scene.objects, placements, strict=True):
+        cx, cy = (c * scale + s / 2 for c in (place.cx, place.cy))
+        body = _shape_mask(obj.shape, cx, cy, place.radius * scale, big)
         # Work inside the object's bounding box (grown by the outline) only: patterns and outlines are local.
         pad = int(round(1.5 * scale))
         ys, xs = np.nonzero(body)
@@ -100,7 +125,7 @@ def render(scene: Scene, image_size: int = IMAGE_SIZE) -> tuple[Image.Image, np.
             patch[ring] = OUTLINE_RGB
             mask[box] |= ring
         masks.append(mask)
-        color = np.array(COLORS[obj.color], np.float32)
+        color = np.array(place.rgb, np.float32)
         patch[inside] = color
         y, x = np.mgrid[box].astype(np.float32)
         marks = inside & _pattern_mask(obj.pattern, (x - cx) / scale, (y - cy) / scale)

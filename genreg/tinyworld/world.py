@@ -233,16 +233,17 @@ def parse_prompt(prompt: str) -> PromptSpec:
     return spec
 
 
-# Words added to the world after the first bundled model; the tokenizer appends them, so no earlier id changes.
-VOCABULARY_ADDITIONS = ("plain",)
+# Words added to the world after the first bundled model, in groups: the tokenizer learns each group's merges after
+# the ones before, and appends them, so no earlier id changes. Tiny World 2 added "plain"; the video world its motions.
+VOCABULARY_ADDITIONS: tuple[tuple[str, ...], ...] = (("plain",), ("moving", "to", "up", "down", "growing", "turning"))
 
 
 def vocabulary() -> list[str]:
     """Every word the world's captions use (the tokenizer makes each a single token): the first model's words in
-    sorted order, then ``VOCABULARY_ADDITIONS``."""
+    sorted order, then each group of ``VOCABULARY_ADDITIONS``."""
     words = {"a", "an", "and", "of", "image", "the", "on", "at", "in", "background", "middle"}
     for values in (*OBJECT_ATTRIBUTES.values(), BACKGROUNDS):
         words.update(values)
     # Common words a person might add; single tokens keep their prompts short.
     words.update("photo picture drawing with object shape color colour big tiny".split())
-    return sorted(words) + list(VOCABULARY_ADDITIONS)
+    return sorted(words) + [w for group in VOCABULARY_ADDITIONS for w in group]

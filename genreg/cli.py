@@ -147,27 +147,36 @@ def _generate_video(args: argparse.Namespace) -> None:
     from .checks import require_positive_int
     from .video import check_video_path, clip_length, generate_video, load_video_pipeline, save_video
 
-    for flag, value in (("--num-frames", args.num_frames), ("--num-inference-steps", args.num_inference_steps)):
+    for flag, value in (("num_frames", args.num_frames), ("num_inference_steps", args.num_inference_steps)):
         require_positive_int(flag, value)
     require_positive_int("--display-scale", args.display_scale)
-    if not args.prompt.strip():
-        raise ValueError('the prompt is empty; describe the clip, e.g. "a red circle moving to the right"')
+    if any(not p.strip() for p in args.prompt):
+        raise ValueError('a prompt is empty; describe the clip, e.g. "a red circle moving to the right"')
+    if len(args.prompt) > 1 and args.method == "animatediff":
+        raise ValueError("several prompts make a multi-prompt video: add --method cono")
+    method = registry.get(args.method, "video") if args.method != "animatediff" else None
+    settings = from_namespace(method.config, args) if method else None  # refused before loading the model
     check_video_path(args.out)
     dtype = getattr(torch, args.dtype) if args.dtype else None
     with _quiet_loading(args.verbose):
         pipe = load_video_pipeline(args.model, args.motion_adapter, device=args.device, dtype=dtype)
-    frames = generate_video(
-        pipe,
-        args.prompt,
-        num_frames=args.num_frames,
-        context_stride=args.context_stride,
-        negative_prompt=args.negative_prompt,
-        num_inference_steps=args.num_inference_steps,
-        guidance_scale=args.guidance_scale,
-        generator=torch.Generator().manual_seed(args.seed),
-    ).frames[0]
+    sampling = {
+        "num_frames": args.num_frames,
+        "negative_prompt": args.negative_prompt,
+        "num_inference_steps": args.num_inference_steps,
+        "guidance_scale": args.guidance_scale,
+        "generator": torch.Generator().manual_seed(args.seed),
+    }
+    if method is None:
+        frames = generate_video(pipe, args.prompt[0], context_stride=args.context_stride, **sampling).frames[0]
+        long = args.num_frames > clip_length(pipe)
+        how = f", FreeNoise windows of {clip_length(pipe)}" if long else ""
+    else:
+        from genreg.pipelines import CoNoPipeline  # the pipeline turns "ag" into a guidance policy
+
+        out = CoNoPipeline.from_pipe(pipe)(args.prompt, guidance=args.guidance, settings=settings, **sampling)
+        frames, how = out.frames[0], f", {method.title}: {out.nfe} network evaluations"
     path = save_video(frames, args.out, fps=args.fps, scale=args.display_scale)
-    how = f", FreeNoise windows of {clip_length(pipe)}" if args.num_frames > clip_length(pipe) else ""
     print(f"wrote {path} ({len(frames)} frames at {args.fps} fps{how})")
 
 
@@ -261,16 +270,25 @@ def build_parser() -> argparse.ArgumentParser:
         cmd.add_argument("--progress", action="store_true", help="show a progress bar")
         cmd.set_defaults(func=lambda args, m=method: _edit(m, args))
 
+    video_methods = registry.methods("video")
     video = sub.add_parser(
         "generate-video",
         help="text-to-video with AnimateDiff: the image model and a motion adapter (GIF or MP4)",
-        description="Text-to-video on stock AnimateDiff. Longer than the adapter's clip, FreeNoise is used.",
+        description="Text-to-video on stock AnimateDiff; longer than the adapter's clip, FreeNoise is used, or with "
+        "--method: " + "; ".join(m.help for m in video_methods),
     )
-    video.add_argument("prompt", help='e.g. "a red circle moving to the right"')
+    video.add_argument("prompt", nargs="+", help='e.g. "a red circle moving to the right"; several: one per segment')
+    video.add_argument(
+        "--method",
+        choices=("animatediff", *(m.name for m in video_methods)),
+        default="animatediff",
+        help="animatediff: one clip, or FreeNoise when longer; a method for long and multi-prompt videos",
+    )
     video.add_argument("--negative-prompt", "--negative_prompt", default=None)
     video.add_argument("--num-frames", "--num_frames", type=int, default=16)
     video.add_argument("--num-inference-steps", "--num_inference_steps", type=int, default=25)
     video.add_argument("--guidance-scale", "--guidance_scale", type=float, default=5.0)
+    video.add_argument("--guidance", choices=("cfg", "ag"), default="cfg", help="per clip: CFG or Adaptive Guidance")
     video.add_argument("--seed", type=int, default=0)
     video.add_argument("--fps", type=int, default=8)
     video.add_argument(
@@ -279,6 +297,8 @@ def build_parser() -> argparse.ArgumentParser:
     video.add_argument(
         "--motion-adapter", "--motion_adapter", default="tinyworld", help="'tinyworld' (bundled) or a directory"
     )
+    for method in video_methods:
+        add_arguments(video, method.config, dashes=True)
     _model_flags(video)
     _output_flags(video, "genreg_video.gif", "video (.gif or .mp4)")
     video.set_defaults(func=_generate_video)

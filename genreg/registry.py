@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-KINDS = ("sampler", "editor", "trainer", "finetuner", "unlearner", "search")
+KINDS = ("sampler", "editor", "trainer", "finetuner", "unlearner", "search", "video")
 TRAINING = ("trainer", "finetuner", "unlearner")  # the kinds `genreg train NAME` runs
 
 
@@ -19,8 +19,10 @@ class Method:
 
     ``config`` is the dataclass a request or run is described by (its fields' metadata carry help text and where a
     field appears: ``place="main" | "advanced" | "hidden"``). ``run`` does the work:
-    a sampler's ``run(pipe, options)``; an editor's ``run(pipe, image, options, **settings)`` (``settings``: fields
-    of the method's ``settings`` dataclass that the user changed);
+    a sampler's ``run(pipe, options)``; a video method's ``run(pipe, prompts, settings, **sampling)`` on an AnimateDiff
+    pipeline (``config`` is then its settings, the request is `genreg generate-video`'s); an editor's
+    ``run(pipe, image, options, **settings)`` (``settings``: fields of the method's ``settings`` dataclass that the
+    user changed);
     a trainer's (a token's), finetuner's (the model's weights) or unlearner's (a new model without a concept)
     ``run(pipe, config, train: TrainConfig, **fit_kwargs) -> Path``; a search's the same, ``train`` setting its inner
     runs.

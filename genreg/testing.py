@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 
 import torch
-from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+from diffusers import AutoencoderKL, DDIMScheduler, MotionAdapter, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
 from .tinyworld.architecture import build_tokenizer
@@ -68,6 +68,19 @@ def tiny_scheduler(prediction_type: str = "epsilon") -> DDIMScheduler:
         set_alpha_to_one=False,
         steps_offset=1,
         prediction_type=prediction_type,
+    )
+
+
+def tiny_motion_adapter(seed: int = 0) -> MotionAdapter:
+    """An AnimateDiff motion adapter for ``tiny_sd_components``' UNet (widths 8, 16): ``AnimateDiffPipeline.from_pipe(
+    StableDiffusionPipeline(**tiny_sd_components()), motion_adapter=tiny_motion_adapter())``."""
+    torch.manual_seed(seed)
+    return MotionAdapter(
+        block_out_channels=(8, 16),
+        motion_layers_per_block=1,
+        motion_num_attention_heads=2,
+        motion_norm_num_groups=4,
+        motion_max_seq_length=32,
     )
 
 

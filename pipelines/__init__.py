@@ -6,6 +6,7 @@ from .adaptive_guidance import (
     AdaptiveGuidancePipelineOutput,
     AdaptiveGuidanceXLPipeline,
 )
+from .cono import CoNoPipeline, CoNoPipelineOutput
 from .guide_and_rescale import (
     GuideAndRescaleMixin,
     GuideAndRescalePipeline,
@@ -19,6 +20,8 @@ __all__ = [
     "AdaptiveGuidancePipeline",
     "AdaptiveGuidancePipelineOutput",
     "AdaptiveGuidanceXLPipeline",
+    "CoNoPipeline",
+    "CoNoPipelineOutput",
     "GuideAndRescaleMixin",
     "GuideAndRescalePipeline",
     "GuideAndRescalePipelineOutput",

@@ -159,7 +159,8 @@ def main() -> None:
     for r in rows:
         cells = [f"{r[c]:.3f}" for c in COLUMNS]
         seconds = "-" if r["seconds_per_clip"] is None else f"{r['seconds_per_clip']:.1f}"
-        lines.append(f"| {r['row']} | {r['n']} | " + " | ".join(cells) + f" | {r['frechet']:.2f} | {seconds} |")
+        fd = max(r["frechet"], 0.0)  # a set against itself can come out a hair below zero
+        lines.append(f"| {r['row']} | {r['n']} | " + " | ".join(cells) + f" | {fd:.2f} | {seconds} |")
     lines += [
         "",
         "Motion followed, per motion:",

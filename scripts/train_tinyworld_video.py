@@ -28,7 +28,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-from diffusers import AnimateDiffPipeline, StableDiffusionPipeline, UNetMotionModel
+from diffusers import AnimateDiffPipeline, MotionAdapter, StableDiffusionPipeline, UNetMotionModel
 from safetensors.torch import load_file, save_file
 
 from genreg.io import atomic_write
@@ -78,6 +78,15 @@ def extend_text_encoder(base: StableDiffusionPipeline):
     return tokenizer, text_encoder, old
 
 
+def _relative(value):
+    if not isinstance(value, str) or not Path(value).is_absolute():
+        return value
+    try:
+        return str(Path(value).relative_to(Path.cwd()))
+    except ValueError:
+        return value
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--pretrained_model_name_or_path", default=str(model_path()))
@@ -88,8 +97,13 @@ def main() -> None:
         default=None,
         help="where the extended tokenizer and text encoder go (default: the base model)",
     )
+    p.add_argument(
+        "--init_adapter",
+        default=None,
+        help="start from this motion adapter (e.g. the bundled one, to train it further) instead of a fresh one",
+    )
     p.add_argument("--clips", type=int, default=2400)
-    p.add_argument("--max_train_steps", type=int, default=3000)
+    p.add_argument("--max_train_steps", type=int, default=2000)
     p.add_argument("--train_batch_size", type=int, default=4, help="clips per step (each of 16 frames)")
     p.add_argument("--learning_rate", type=float, default=3e-4)
     p.add_argument("--embedding_learning_rate", type=float, default=3e-3)
@@ -109,12 +123,16 @@ def main() -> None:
     log(f"pool: {tuple(latents.shape)}")
 
     tokenizer, text_encoder, first_new = extend_text_encoder(base)
-    unet = UNetMotionModel.from_unet2d(base.unet, build_motion_adapter(base.unet.config.block_out_channels))
+    if args.init_adapter:  # go on from an adapter (the motion words' rows come with the base model's encoder)
+        adapter = MotionAdapter.from_pretrained(args.init_adapter)
+    else:
+        adapter = build_motion_adapter(base.unet.config.block_out_channels)
+        with torch.no_grad():  # each temporal block starts as the identity (AnimateDiff zero-initialises its output)
+            for name, module in adapter.named_modules():
+                if name.endswith("proj_out"):
+                    module.weight.zero_(), module.bias.zero_()
+    unet = UNetMotionModel.from_unet2d(base.unet, adapter)
     unet.freeze_unet2d_params()
-    with torch.no_grad():  # each temporal block starts as the identity (AnimateDiff zero-initialises its output)
-        for name, module in unet.named_modules():
-            if "motion_modules" in name and name.endswith("proj_out"):
-                module.weight.zero_(), module.bias.zero_()
     text_encoder.requires_grad_(False)
     embeddings = text_encoder.get_input_embeddings().weight
     embeddings.requires_grad_(True)
@@ -152,7 +170,6 @@ def main() -> None:
     scheduler = base.scheduler
     alphas = scheduler.alphas_cumprod.to(device)
     snr = alphas / (1 - alphas)
-    rng = random.Random(args.seed + step)
     eval_rng = random.Random(12345)
     eval_clips = [sample_clip(eval_rng, motion=MOTIONS[i % len(MOTIONS)]) for i in range(args.eval_clips)]
 
@@ -191,7 +208,8 @@ def main() -> None:
         from genreg.tinyworld.video_eval import VideoEvaluator
 
         prompts = [clip_prompt(c) for c in eval_clips]
-        with ema_weights():
+        # Sampling and building the evaluator must not move training's random stream (a resumed run matches).
+        with ema_weights(), torch.random.fork_rng(devices=[]):
             videos = [
                 pipe(
                     prompt,
@@ -203,12 +221,13 @@ def main() -> None:
                 ).frames[0]
                 for i, prompt in enumerate(prompts)
             ]
-        return VideoEvaluator.load().score(videos, prompts)
+            return VideoEvaluator.load().score(videos, prompts)
 
     unet.train()
     t0 = time.time()
     while step < args.max_train_steps:
         idx = torch.randint(0, len(latents), (args.train_batch_size,))
+        rng = random.Random(args.seed * 1_000_003 + step)  # the step's captions, the same after a resume
         texts = ["" if rng.random() < 0.1 else clip_caption(clips[i], rng) for i in idx.tolist()]
         ids = tokenizer(
             texts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
@@ -264,7 +283,9 @@ def main() -> None:
     model_dir = Path(args.model_output_dir or args.pretrained_model_name_or_path)
     text_encoder.to("cpu").save_pretrained(model_dir / "text_encoder")
     tokenizer.save_pretrained(model_dir / "tokenizer")
-    (Path(args.output_dir) / "training.json").write_text(json.dumps({"args": vars(args), "best": best}, indent=1))
+    # Paths as given, or relative to this folder when under it: the record says how, not where it was made.
+    record = {k: _relative(v) if k.endswith(("_dir", "_path")) else v for k, v in vars(args).items()}
+    (Path(args.output_dir) / "training.json").write_text(json.dumps({"args": record, "best": best}, indent=1))
     log(f"best EMA adapter: step {best['step']} motion followed {best['score']:.3f}; written to {args.output_dir}")
 
 

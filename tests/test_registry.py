@@ -26,7 +26,7 @@ REQUIRED = {
 
 
 def argv_of(method: registry.Method) -> list[str]:
-    if method.kind in ("sampler", "editor"):
+    if method.kind in ("sampler", "editor", "video"):
         return [method.command]
     return ["search" if method.kind == "search" else "train", method.name]
 

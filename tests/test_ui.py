@@ -173,6 +173,15 @@ def test_generate_returns_images_nfe_and_downloads(client):
     assert len(files) == 2 and all(is_real_image(f, 64) for f in files)  # the native-size originals
 
 
+def imageio_ffmpeg_frames(video) -> int:
+    """Frames of the video a /generate_video call returned (a path, or gradio's {"video": path, ...})."""
+    import imageio_ffmpeg
+
+    reader = imageio_ffmpeg.read_frames(video["video"] if isinstance(video, dict) else video)
+    next(reader)
+    return sum(1 for _ in reader)
+
+
 def test_video_tab_plays_a_clip_and_offers_mp4_and_gif(client):
     import imageio_ffmpeg
 
@@ -185,14 +194,32 @@ def test_video_tab_plays_a_clip_and_offers_mp4_and_gif(client):
         fps=8,
         api_name="/generate_video",
     )
-    reader = imageio_ffmpeg.read_frames(video["video"])
-    assert next(reader)["size"] == (256, 256) and sum(1 for _ in reader) == 16
+    reader = imageio_ffmpeg.read_frames(video["video"] if isinstance(video, dict) else video)
+    assert next(reader)["size"] == (256, 256) and sum(1 for _ in reader) == 16  # 64-pixel frames shown at 256
     assert report.startswith("16 frames, 3 steps")
     assert sorted(Path(f).suffix for f in files) == [".gif", ".mp4"]
-    with pytest.raises(AppError, match="Frames must be a positive whole number"):
+    with pytest.raises(AppError, match="Value 0 is less than minimum value 1"):  # the form refuses it
         client.predict(
             prompt="a red circle moving up", frames=0, steps=3, guidance=5.0, seed=0, fps=8, api_name="/generate_video"
         )
+    with pytest.raises(AppError, match="pick a video method"):
+        client.predict(prompt="a red circle moving up\na red circle moving down", api_name="/generate_video")
+
+
+def test_video_tab_makes_a_multi_prompt_video_with_cono(client):
+    video, report, files = client.predict(
+        prompt="a red circle moving to the right\na red circle moving to the left",
+        method="cono",
+        frames=36,
+        steps=2,
+        guidance=5.0,
+        seed=0,
+        fps=8,
+        look_back=0.5,
+        api_name="/generate_video",
+    )
+    assert imageio_ffmpeg_frames(video) == 36
+    assert report.startswith("36 frames by CoNo (") and len(files) == 2
 
 
 def test_stop_interrupts_sampling(client):

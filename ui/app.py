@@ -2,8 +2,8 @@
 
 The tabs are generated from ``genreg.registry``: each kind with a registered method and a tab module below gets its
 tab (samplers: Generate, editors: Edit, trainers: Personalize, finetuners: Fine-tune, unlearners: Unlearn, searches:
-Memorization), whose form comes from the methods' config dataclasses and their fields' ``place`` metadata; the Video
-tab (AnimateDiff over the loaded model) follows them. The work is
+Memorization, video methods: Video), whose form comes from the methods' config dataclasses and their fields' ``place``
+metadata. The work is
 done by the method pipelines, trainers and searches; the app lays out, validates input into configs, reports progress
 and shows results. Every GPU-bound event is in the concurrency group
 ``"gpu"`` with a limit of one, so jobs run one at a time and the others wait in the queue with their position shown.
@@ -35,6 +35,7 @@ TABS: dict[str, tuple[str, str, Callable]] = {
     "finetuner": ("Fine-tune", "finetune", finetune_tab.build),
     "unlearner": ("Unlearn", "unlearn", unlearn_tab.build),
     "search": ("Memorization", "memorization", memorization_tab.build),
+    "video": ("Video", "video", video_tab.build),
 }
 
 
@@ -79,8 +80,6 @@ def build_app(ws: Workspace) -> gr.Blocks:
                 if methods:
                     with gr.Tab(label, id=tab_id):
                         build(ws, methods, stop_button)
-            with gr.Tab("Video", id="video"):
-                video_tab.build(ws, stop_button)
     demo.workspace = ws  # what tests and callers read back (history of jobs, the loaded model)
     return demo
 

@@ -125,7 +125,7 @@ class Workspace:
         self._lock = threading.Lock()
         self._stops: dict[str, threading.Event] = {}
         self._personal: tuple[tuple, DiffusionPipeline] | None = None
-        self._video: DiffusionPipeline | None = None
+        self._video: dict[str | None, DiffusionPipeline] | None = None
         self.load(model)
         names = (name.strip() for name in (self.model_name, *BUNDLED, *models))
         self.models = tuple(dict.fromkeys(name for name in names if name))
@@ -149,7 +149,7 @@ class Workspace:
         require_multi_step(base, name, "the app")
         base.set_progress_bar_config(disable=True)
         pipes = {}
-        for method in registry.methods():
+        for method in (m for m in registry.methods() if m.kind != "video"):  # those: ``video_pipeline``
             cls = pipeline_class(method, base)
             if cls is not None:
                 pipes[method.name] = cls.from_pipe(base)
@@ -179,18 +179,21 @@ class Workspace:
             )
         return pipe
 
-    def video_pipeline(self) -> DiffusionPipeline:
-        """AnimateDiff over the loaded model (``genreg.video.with_motion``), built on first use: genreg bundles a
-        motion adapter for the tiny world only."""
+    def video_pipeline(self, method: Method | None = None) -> DiffusionPipeline:
+        """AnimateDiff over the loaded model (``genreg.video.with_motion``), or the pipeline of video ``method`` over
+        it, built on first use: genreg bundles a motion adapter for the tiny world only."""
         if self._video is None:
             if not self.is_bundled:
                 raise ValueError(
                     f"video needs a motion adapter made for {self.model_name}, and the app has the bundled tiny-world "
                     "one only: load 'tinyworld' here, or use `genreg generate-video --model M --motion-adapter DIR`"
                 )
-            self._video = with_motion(self.base, "tinyworld")
-            self._video.set_progress_bar_config(disable=True)
-        return self._video
+            view = with_motion(self.base, "tinyworld")
+            view.set_progress_bar_config(disable=True)
+            self._video = {None: view}
+        if method is not None and method.name not in self._video:
+            self._video[method.name] = pipeline_class(method, self.base).from_pipe(self._video[None])
+        return self._video[method.name if method else None]
 
     @property
     def is_bundled(self) -> bool:

@@ -5,4 +5,5 @@ list them."""
 from . import adaptive_guidance, cross_init, guide_and_rescale, memcontrol, sara, score_forgetting, textual_inversion  # noqa: F401
 
 # isort: split
-from . import core, hifi_tuner  # noqa: F401  (after the embedding baselines they build on, as the surfaces list them)
+# core and hifi_tuner after the embedding baselines they build on, as the surfaces list them
+from . import cono, core, hifi_tuner  # noqa: F401

@@ -21,7 +21,7 @@ import torch
 from PIL import Image
 
 from genreg.tinyworld.video import MOTIONS, clip_prompt, render_clip, sample_clip
-from genreg.tinyworld.video_eval import VideoEvaluator
+from genreg.tinyworld.video_eval import VideoEvaluator, summarize
 from genreg.video import generate_video, load_video_pipeline
 
 COLUMNS = ("motion_followed", "identity", "adherence", "similarity", "smooth", "jumps", "step_px")
@@ -45,19 +45,13 @@ def generate(pipe, prompts: list[str], num_frames: int, steps: int, guidance: fl
 
 
 def row(evaluator: VideoEvaluator, name: str, videos, prompts, truth, seconds: float | None, clips) -> dict:
-    scores = evaluator.score(videos, prompts)
+    per_clip = [evaluator.score_clip(v, p) for v, p in zip(videos, prompts, strict=True)]
+    motions = [c.motion for c in clips]
     per_motion = {
-        m: float(
-            np.mean(
-                [
-                    evaluator.score_clip(v, p)["motion_followed"]
-                    for v, p, c in zip(videos, prompts, clips, strict=True)
-                    if c.motion == m
-                ]
-            )
-        )
+        m: float(np.mean([r["motion_followed"] for r, k in zip(per_clip, motions, strict=True) if k == m]))
         for m in MOTIONS
     }
+    scores = summarize(per_clip)
     fd = evaluator.frechet(videos, truth) if len(videos) > 2 else float("nan")
     return {"row": name, **scores, "frechet": fd, "seconds_per_clip": seconds, "per_motion": per_motion}
 

@@ -183,9 +183,7 @@ class VideoEvaluator:
         """Mean of ``score_clip`` over clips, and ``smooth``: the share of clips without a jump."""
         if len(videos) != len(prompts):
             raise ValueError(f"got {len(videos)} clips for {len(prompts)} prompts")
-        rows = [self.score_clip(v, p) for v, p in zip(videos, prompts, strict=True)]
-        out = {k: float(np.mean([r[k] for r in rows])) for k in rows[0]}
-        return out | {"smooth": float(np.mean([r["jumps"] == 0 for r in rows])), "n": len(rows)}
+        return summarize([self.score_clip(v, p) for v, p in zip(videos, prompts, strict=True)])
 
     def clip_embedding(self, frames) -> torch.Tensor:
         """(512,): the frames' mean evaluator embedding, and the last frame's minus the first's (what moved)."""
@@ -196,6 +194,12 @@ class VideoEvaluator:
         """Fréchet distance between two sets of clips over ``clip_embedding``."""
         embed = lambda clips: torch.stack([self.clip_embedding(c) for c in clips])  # noqa: E731
         return frechet_distance(embed(videos), embed(reference))
+
+
+def summarize(rows: list[dict[str, float]]) -> dict[str, float]:
+    """The mean of per-clip ``score_clip`` results, ``smooth`` (the share of clips without a jump) and ``n``."""
+    out = {k: float(np.mean([r[k] for r in rows])) for k in rows[0]}
+    return out | {"smooth": float(np.mean([r["jumps"] == 0 for r in rows])), "n": len(rows)}
 
 
 def _shifted(image: torch.Tensor, shift: tuple[int, int], fill: torch.Tensor) -> torch.Tensor:

@@ -1,5 +1,6 @@
 """PEFT adapters on a UNet's transformer blocks, shared by the methods that fine-tune through them (MemControl's
-search space, CoRe's stage 2 with LoRA): which blocks, the adapter, the saved result and applying it for a while.
+search space, CoRe's stage 2 and HiFi Tuner's DreamBooth variant with LoRA): which blocks, the adapter, the saved
+result and applying it for a while; and ``fine_tune_unet``, a copy of the UNet fine-tuned whole or with LoRA.
 
 A binary mask over the UNet's transformer blocks selects where an adapter goes: LoRA on the attention projections,
 or IA3-style scales on them and on the feed-forward output (close to DiffFit's gamma placement); every other weight
@@ -10,8 +11,9 @@ IA3 merged into a plain diffusers ``unet/`` folder (``UNet2DConditionModel.from_
 from __future__ import annotations
 
 import contextlib
+import copy
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -122,3 +124,33 @@ def applied(unet: nn.Module, result: str | Path, alpha: float = 1.0) -> Iterator
         with torch.no_grad():
             for k, p in changed.items():
                 p.copy_(saved[k])
+
+
+def fine_tune_unet(
+    pipe, sample: Callable, stage, out: Path, lora_rank: int, settings: dict, masked: bool = False, **fit_kwargs
+) -> Path | None:
+    """Fine-tunes a copy of ``pipe.unet`` (then ``pipe.unet``: a UNet the caller shares, the app's model, stays as it
+    was) on ``sample``'s batches under the diffusion loss, weighted by their masks with ``masked``, whole or with LoRA
+    of ``lora_rank`` on every transformer block, by the shared loop with ``stage`` (a TrainConfig). Saves and returns
+    ``out/unet`` or ``out/pytorch_lora_weights.safetensors``; None when stopped (the stage's checkpoint resumes it)."""
+    from diffusers.training_utils import cast_training_params
+
+    from .diffusion import FineTuneObjective
+    from .training import fit, process_state
+
+    pipe.unet = unet = copy.deepcopy(pipe.unet)
+    if lora_rank:
+        add_adapter(unet, [1] * len(attention_blocks(unet)), "lora", lora_rank)
+    else:
+        unet.requires_grad_(True)
+    cast_training_params(unet, dtype=torch.float32)  # trained weights in fp32 under fp16/bf16 autocast
+    objective = FineTuneObjective(pipe, masked).to(pipe.device)
+    result = fit(objective, sample, stage, settings=settings, **fit_kwargs)
+    unet.requires_grad_(False)
+    if result.stopped:
+        return None
+    if not process_state().is_main_process:
+        return out / (LORA_FILE if lora_rank else "unet")
+    if lora_rank:
+        return save_result(pipe, "lora", out)
+    return atomic_write(out / "unet", lambda tmp: unet.save_pretrained(tmp, safe_serialization=True))

@@ -37,23 +37,40 @@ def noised_batch(
     return scheduler.add_noise(x0, noise, t), t, diffusion_target(scheduler, x0, noise, t)
 
 
-def diffusion_loss(unet, vae, scheduler, batch: dict, cond: torch.Tensor) -> torch.Tensor:
-    """||target - net(z_t, t, c)||^2 over ``batch["pixel_values"]``, each sample noised from ``batch["seed"]``."""
+def masked_mse(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """||M (pred - target)||^2 averaged over each sample's masked latent entries (M: the image mask area-resized to
+    the latent grid), then over the batch; the plain mean without a mask."""
+    err = (pred.float() - target.float()).pow(2)
+    if mask is None:
+        return err.mean()
+    weight = F.interpolate(mask.float(), size=err.shape[-2:], mode="area")
+    per_sample = (weight * err).sum((1, 2, 3)) / (weight.sum((1, 2, 3)) * err.shape[1]).clamp_min(1e-8)
+    return per_sample.mean()
+
+
+def diffusion_loss(unet, vae, scheduler, batch: dict, cond: torch.Tensor, mask: torch.Tensor | None = None):
+    """||target - net(z_t, t, c)||^2 over ``batch["pixel_values"]``, each sample noised from ``batch["seed"]``;
+    weighted by the images' ``mask`` (B, 1, H, W) when given (``masked_mse``)."""
     z_t, t, target = noised_batch(unet, vae, scheduler, batch)
     pred = unet(z_t, t, cond.to(unet.dtype)).sample
+    if mask is not None:
+        return masked_mse(pred, target, mask)
     return F.mse_loss(pred.float(), target.float())
 
 
 class FineTuneObjective(torch.nn.Module):
-    """The diffusion loss of ``pipe.unet`` (whatever in it is trainable) under the frozen text encoder's captions."""
+    """The diffusion loss of ``pipe.unet`` (whatever in it is trainable) under the frozen text encoder's captions;
+    with ``masked``, weighted by each image's ``batch["mask"]``."""
 
-    def __init__(self, pipe):
+    def __init__(self, pipe, masked: bool = False):
         super().__init__()
         self.unet, self.vae, self.text_encoder, self.scheduler = pipe.unet, pipe.vae, pipe.text_encoder, pipe.scheduler
+        self.masked = masked
         for module in (self.vae, self.text_encoder):
             module.requires_grad_(False)
 
     def forward(self, batch: dict) -> torch.Tensor:
         with torch.no_grad():
             cond = self.text_encoder(batch["input_ids"])[0]
-        return diffusion_loss(self.unet, self.vae, self.scheduler, batch, cond)
+        mask = batch["mask"] if self.masked else None
+        return diffusion_loss(self.unet, self.vae, self.scheduler, batch, cond, mask)

@@ -140,12 +140,14 @@ def null_text_optimization(
     steps: int = 10,
     learning_rate: float = 1e-2,
     tolerance: float = 1e-5,
+    callback: Callable[[int], None] | None = None,
 ) -> list[torch.Tensor]:
     """phi_t for every sampling step such that guided DDIM from the inversion's z_N under ``cond`` retraces
     ``trajectory`` (Mokady et al., Eq. 6: min ||z*_{t-1} - z_{t-1}(z_t, phi_t, C)||^2, phi_t starting from phi_{t+1}).
 
     ``denoiser(latents, t, embeds)`` is the network's prediction. Follows the authors' code: Adam at
-    ``learning_rate`` x (1 - i / 2N) at step i of N, stopping early below ``tolerance`` + 2e-5 i."""
+    ``learning_rate`` x (1 - i / 2N) at step i of N, stopping early below ``tolerance`` + 2e-5 i. ``callback(i)`` is
+    called after each step's fit."""
     n = len(scheduler.timesteps)
     x, phis = trajectory[-1], []
     phi = phi.detach().clone().float()
@@ -164,4 +166,6 @@ def null_text_optimization(
         phis.append(phi.clone())
         with torch.no_grad():
             x = step(phi)
+        if callback is not None:
+            callback(i)
     return phis

@@ -13,6 +13,9 @@ contexts x --images_per_case (25 DDIM steps, guidance 5; HiFi rows prompt with t
 vectors; textual inversion with its token) and is scored by the evaluator: identity (the subject's shape, colour,
 pattern and outline) and prompt alignment. Cost per row: training seconds and peak resident memory above the loaded
 model, and sampling seconds per image.
+With --dreambooth, the DreamBooth variant's ladder instead (the paper's DB rows): DreamBooth (the UNet tuned on the
+kit, --db_steps at --db_learning_rate, LoRA of --db_lora_rank or the whole UNet with 0); + mask guidance; +
+reference-guided generation; prompts name the subject 'sks <class word>'.
 Writes bench/results/<name>.{json,md}.
 """
 
@@ -29,6 +32,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from diffusers import UNet2DConditionModel
 from PIL import Image
 
 from genreg import load_pipeline
@@ -70,6 +74,11 @@ RUNS = {
     "mask": {"mask_guidance": True, "reg_weight": 0.0, "stepwise_steps": 0},
     "reg": {"mask_guidance": True},  # w_s from --reg_weight, and the step-wise stage
 }
+# The DreamBooth variant's runs (--dreambooth); their steps, learning rate and LoRA rank come from the --db_ flags.
+DB_RUNS = {
+    "db": {"variant": "dreambooth", "mask_guidance": False, "stepwise_steps": 0},
+    "db_mask": {"variant": "dreambooth", "mask_guidance": True, "stepwise_steps": 0},
+}
 # w_s is unspecified in the paper: --tune_reg chooses it on this subject, which is not one of the benchmark's kits.
 TUNING_SUBJECT = Subject("dotted-blue-cross", "cross", "blue", "dotted", "outlined")
 KNOWN = SUBJECTS | {TUNING_SUBJECT.name: TUNING_SUBJECT}
@@ -81,6 +90,9 @@ LABELS = {
     "reg": "+ parameter regularization",
     "stepwise": "+ step-wise representations",
     "rgg": "+ reference-guided generation",
+    "db": "DreamBooth (the UNet, no mask)",
+    "db_mask": "+ mask guidance",
+    "db_rgg": "+ reference-guided generation",
 }
 
 # Subject replacement (Algorithm 3) against a plain inversion + prompt edit, adding its parts one by one.
@@ -128,8 +140,9 @@ def train_one(args) -> None:
         train_textual_inversion(pipe, config, train, on_step=watch)
     else:
         settings = {"reg_weight": args.reg_weight, "stepwise_steps": args.stepwise_steps}
-        settings["num_inference_steps"] = SAMPLING["num_inference_steps"]
-        config = HiFiTunerConfig(**common, subject_word=subject.shape, **(settings | RUNS[args.train]))
+        settings |= {"num_inference_steps": SAMPLING["num_inference_steps"], "lora_rank": args.db_lora_rank}
+        run = (RUNS | DB_RUNS)[args.train]
+        config = HiFiTunerConfig(**common, subject_word=subject.shape, **(settings | run))
         train_hifi_tuner(pipe, config, train, on_step=watch)
     total = time.perf_counter() - start
     print(json.dumps({"seconds": shared[0], "total_seconds": total, "peak_mib": max(seen) - before}))
@@ -151,7 +164,7 @@ def kit_references(kit: Path, word: str) -> list[Reference]:
 def guided_images(args, pipe, hifi, subject, cases, seed: int, evaluator) -> list:
     """Reference-guided generation, one image per (case, draw) in ``generate``'s order; the subject's mask in a draw
     is the object at the place the prompt gives it (``object_mask``)."""
-    references = kit_references(Path(args.work_dir) / "kits" / subject.name, subject.shape)
+    references = kit_references(Path(args.work_dir) / "kits" / subject.name, hifi.subject_word)
     images = []
     for r in range(args.images_per_case):
         for c, case in enumerate(cases):
@@ -159,7 +172,7 @@ def guided_images(args, pipe, hifi, subject, cases, seed: int, evaluator) -> lis
             image, _ = reference_guided(
                 pipe,
                 hifi,
-                case.prompt(subject.shape),
+                case.prompt(hifi.subject_word),
                 references,
                 lambda image, where=where: object_mask(image, where),
                 evaluator.embed,
@@ -181,9 +194,14 @@ def images_of(args, row: str, subject, cases, out: Path, seed: int, evaluator):
         pipe.load_textual_inversion(str(out))  # the standard loader, as a user would
         return pipe([c.prompt(f"<{subject.name}>") for c in cases] * per_case, **draw).images
     hifi = HiFiSubject.load(out)
-    if row == "rgg":
+    if hifi.unet:  # the DreamBooth variant: its tuned UNet, loaded with the standard tools
+        if hifi.unet == "unet":
+            pipe.unet = UNet2DConditionModel.from_pretrained(out, subfolder="unet")
+        else:
+            pipe.load_lora_weights(str(out))
+    if row in ("rgg", "db_rgg"):
         return guided_images(args, pipe, hifi, subject, cases, seed, evaluator)
-    prompts = [c.prompt(subject.shape) for c in cases] * per_case
+    prompts = [c.prompt(hifi.subject_word) for c in cases] * per_case
     return generate(pipe, hifi, prompts, stepwise=row != "reg", **draw).images
 
 
@@ -193,7 +211,7 @@ def trained(args, run: str, subject, seed: int, **changes) -> tuple[Path, dict]:
     out = Path(args.work_dir) / run / subject.name / f"seed{seed}{changes.get('suffix', '')}"
     command = [sys.executable, __file__, "--train", run, "--out", str(out), "--subjects", subject.name]
     command += ["--seeds", str(seed), "--work_dir", args.work_dir, "--model", args.model]
-    for flag in ("steps", "batch_size", "learning_rate", "reg_weight", "stepwise_steps"):
+    for flag in ("steps", "batch_size", "learning_rate", "reg_weight", "stepwise_steps", "db_lora_rank"):
         command += [f"--{flag}", str(settings[flag])]
     done = subprocess.run(command, check=True, capture_output=True, text=True)
     return out, json.loads(done.stdout.strip().splitlines()[-1])
@@ -336,6 +354,10 @@ def main() -> None:
     p.add_argument("--reg_weight", type=float, default=HiFiTunerConfig.reg_weight)
     p.add_argument("--stepwise_steps", type=int, default=10, help="I: refinement steps per sampling step")
     p.add_argument("--images_per_case", type=int, default=2)
+    p.add_argument("--dreambooth", action="store_true", help="the DreamBooth variant's ladder instead")
+    p.add_argument("--db_steps", type=int, default=400, help="DreamBooth variant: steps (the paper's 400)")
+    p.add_argument("--db_learning_rate", type=float, default=1e-4, help="DreamBooth variant: the UNet's rate")
+    p.add_argument("--db_lora_rank", type=int, default=4, help="DreamBooth variant: LoRA rank (0 = the whole UNet)")
     p.add_argument(
         "--tune_reg",
         nargs="+",
@@ -347,12 +369,13 @@ def main() -> None:
     )
     p.add_argument("--work_dir", default="runs/bench_hifi_tuner")
     p.add_argument("--name", default=None, help="results file stem: bench/results/<name>.{json,md}")
-    p.add_argument("--train", choices=list(RUNS), help=argparse.SUPPRESS)  # internal: one training process
+    p.add_argument("--train", choices=list(RUNS | DB_RUNS), help=argparse.SUPPRESS)  # internal: one training process
     p.add_argument("--out", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.train:
         return train_one(args)
     default = "hifi_tuner_replacement" if args.replace else "hifi_tuner_reg_tuning" if args.tune_reg else "hifi_tuner"
+    default = "hifi_tuner_dreambooth" if args.dreambooth else default
     args.name = args.name or default
     if args.replace:
         return replacement(args, Evaluator.load())
@@ -368,6 +391,15 @@ def main() -> None:
                 for w in args.tune_reg:
                     out, costs = trained(args, "reg", subject, seed, reg_weight=w, stepwise_steps=0, suffix=f"-w{w:g}")
                     scored(f"w_s = {w:g}", "reg", out, seed, costs)
+                continue
+            if args.dreambooth:
+                db = {"steps": args.db_steps, "learning_rate": args.db_learning_rate}
+                runs = {run: trained(args, run, subject, seed, **db) for run in DB_RUNS}
+                scored(LABELS["word"], "word", None, seed, {})
+                for row, (out, costs) in runs.items():
+                    scored(LABELS[row], row, out, seed, costs)
+                out, costs = runs["db_mask"]
+                scored(LABELS["db_rgg"], "db_rgg", out, seed, costs)
                 continue
             runs = {run: trained(args, run, subject, seed) for run in RUNS}
             scored(LABELS["word"], "word", None, seed, {})
@@ -392,18 +424,36 @@ def write_results(args, rows: list[dict], command: str) -> None:
     (RESULTS / f"{args.name}.json").write_text(
         json.dumps({"settings": vars(args), "command": command, "table": table, "runs": rows}, indent=1)
     )
+    if args.dreambooth:
+        tuned = f"LoRA rank {args.db_lora_rank}" if args.db_lora_rank else "the whole UNet"
+        setup = (
+            f"the DreamBooth variant: {tuned} tuned {args.db_steps} steps at batch {args.batch_size}, lr "
+            f"{args.db_learning_rate:g} (Adam, constant); prompts name the subject 'sks <class word>'; the "
+            "reference-guided row uses the masked run"
+        )
+    else:
+        setup = (
+            f"{args.steps} steps at batch {args.batch_size}, lr {args.learning_rate:g} (Adam, constant); HiFi: n = 5 "
+            f"vectors, w_s = {args.reg_weight:g} where on, step-wise {args.stepwise_steps} steps per sampling step; "
+            "the step-wise and reference-guided rows' run is the regularized one's, its time both stages"
+        )
     lines = [
-        "# HiFi Tuner: " + ("choosing w_s on a tuning subject" if args.tune_reg else "the ablation ladder"),
+        "# HiFi Tuner: "
+        + (
+            "choosing w_s on a tuning subject"
+            if args.tune_reg
+            else "the DreamBooth variant"
+            if args.dreambooth
+            else "the ablation ladder"
+        ),
         "",
         f"Command: `{command}`",
         "",
         f"Bundled `tinyworld` model; {1 if args.tune_reg else len(args.subjects)} subjects x seeds {args.seeds}; "
-        f"{args.steps} steps at batch {args.batch_size}, lr {args.learning_rate:g} (Adam, constant); HiFi: n = 5 "
-        f"vectors, w_s = {args.reg_weight:g} where on, step-wise {args.stepwise_steps} steps per sampling step. Each "
-        f"row draws 8 new contexts x {args.images_per_case} images per run (25 DDIM steps, guidance 5). Train s and "
-        "peak MiB (resident, above the loaded model) of the row's training, medians over the runs; the step-wise and "
-        "reference-guided rows' run is the regularized one's, its time both stages; sample s: seconds per image drawn "
-        "(reference-guided: one image per call, with its draw, inversion and phi_h steps).",
+        f"{setup}. Each row draws 8 new contexts x {args.images_per_case} images per run (25 DDIM steps, guidance "
+        "5). Train s and peak MiB (resident, above the loaded model) of the row's training, medians over the runs; "
+        "sample s: seconds per image drawn (reference-guided: one image per call, with its draw, inversion and phi_h "
+        "steps).",
         "",
         "| row | images | identity | shape | colour | pattern | outline | embedding cos | alignment | train s "
         "| peak MiB | sample s |",

@@ -124,6 +124,42 @@ def test_the_regularizer_pulls_toward_the_empty_prompt_and_masks_are_read(tmp_pa
     assert not torch.allclose(HiFiSubject.load(plain).vectors, masked)
 
 
+def test_the_dreambooth_variant_tunes_the_unet_under_the_mask_and_loads_with_the_standard_tools(tmp_path, kit):
+    from diffusers import UNet2DConditionModel
+
+    base = tiny_pipe()
+    weights = {k: v.clone() for k, v in base.unet.state_dict().items()}
+    lora = dict(variant="dreambooth", lora_rank=2)
+    path = train_hifi_tuner(base, hifi_config(kit, **lora), train_config(tmp_path, "lora", learning_rate=1e-3))
+    subject = HiFiSubject.load(path)
+    assert subject.subject_word == "sks circle" and subject.unet == "pytorch_lora_weights.safetensors"
+    assert (
+        torch.equal(subject.vectors, empty_tail(base.text_encoder, base.tokenizer, 3)) and subject.step_vectors is None
+    )
+    pipe = tiny_pipe()
+    assert all(torch.equal(v, weights[k]) for k, v in pipe.unet.state_dict().items())  # a fresh pipe as it was
+    common = {"num_inference_steps": 3, "output_type": "np", "guidance_scale": 3.0}
+    before = generate(pipe, subject, "a sks circle", generator=torch.Generator().manual_seed(0), **common).images
+    pipe.load_lora_weights(str(tmp_path / "lora"))
+    after = generate(pipe, subject, "a sks circle", generator=torch.Generator().manual_seed(0), **common).images
+    assert not np.allclose(before, after)
+
+    whole = train_hifi_tuner(
+        tiny_pipe(), hifi_config(kit, variant="dreambooth"), train_config(tmp_path, "whole", learning_rate=1e-3)
+    )
+    assert HiFiSubject.load(whole).unet == "unet"
+    tuned = UNet2DConditionModel.from_pretrained(tmp_path / "whole", subfolder="unet")
+    assert any(not torch.equal(v, weights[k]) for k, v in tuned.state_dict().items())
+    unmasked = hifi_config(kit, variant="dreambooth", mask_guidance=False)
+    train_hifi_tuner(tiny_pipe(), unmasked, train_config(tmp_path, "plain", learning_rate=1e-3))
+    plain = UNet2DConditionModel.from_pretrained(tmp_path / "plain", subfolder="unet").state_dict()
+    assert any(not torch.equal(v, plain[k]) for k, v in tuned.state_dict().items())  # the mask weighs the loss
+    with pytest.raises(ValueError, match="5e-6 for the whole UNet"):
+        train_hifi_tuner(tiny_pipe(), hifi_config(kit, variant="dreambooth"), train_config(tmp_path, "bad"))
+    with pytest.raises(ValueError, match="variant must be one of"):
+        hifi_config(kit, variant="lora")
+
+
 def test_a_resumed_run_matches_an_uninterrupted_one_across_both_stages(tmp_path, kit):
     whole = HiFiSubject.load(train_hifi_tuner(tiny_pipe(), hifi_config(kit), train_config(tmp_path, "whole")))
     calls = iter(range(100))
@@ -161,6 +197,26 @@ def test_generation_swaps_in_each_steps_vectors(tmp_path, kit):
     shared = generate(pipe, subject, "a circle in the center", stepwise=False, num_inference_steps=3, **common).images
     assert all(torch.allclose(v, subject.vectors) for v in seen)
     assert stepwise.shape == shared.shape == (1, 32, 32, 3) and not (stepwise == shared).all()
+
+    # a caller's own step-end callback runs too, sees the tensors it asks for, and can stop the loop
+    calls = []
+
+    def stop_after_one(pipe, i, t, tensors):
+        calls.append((i, sorted(tensors)))
+        pipe._interrupt = True
+        return {}
+
+    common["generator"] = torch.Generator().manual_seed(0)
+    seen.clear()
+    generate(
+        pipe,
+        subject,
+        "a circle in the center",
+        callback_on_step_end=stop_after_one,
+        callback_on_step_end_tensor_inputs=["latents"],
+        **common,
+    )
+    assert calls == [(0, ["latents", "prompt_embeds"])] and len(seen) == 1
 
 
 def test_step_count_scheduler_and_prompt_length_are_checked_with_the_fix(tmp_path, kit):
@@ -320,7 +376,11 @@ def test_replacement_inverts_once_and_reuses_its_inversion(tmp_path, kit):
     image = Image.open(kit / "a.png")
     prompts = ("a red square in the center", "a red circle in the center")
     settings = Replacement(null_text_steps=2)
-    edited, info = replace_subject(pipe, subject, image, *prompts, guidance_scale=3.0, settings=settings)
+    reports = []
+    edited, info = replace_subject(
+        pipe, subject, image, *prompts, guidance_scale=3.0, settings=settings, on_step=lambda *r: reports.append(r)
+    )
+    assert reports == [(k, 9) for k in range(1, 10)]  # inversion, null-text and sampling steps, three each
     again, _ = replace_subject(pipe, subject, image, *prompts, guidance_scale=3.0, inverted=info["inverted"])
     assert edited.size == info["reconstruction"].size == (32, 32)
     assert np.array_equal(np.asarray(edited), np.asarray(again))

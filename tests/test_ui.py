@@ -151,9 +151,11 @@ def test_tabs_and_forms_come_from_the_registry(app):
     assert not {"storage", "validation_data_dir", "learning_rate", "resume_from_checkpoint"} & params["/search"]
     assert {"n_trials", "sampler", "family", "lora_rank", "lr_min", "lr_max", "reduce"} <= params["/search"]
     assert {"max_train_steps", "train_batch_size", "seed", "concept", "run_folder"} <= params["/search"]
-    # every token trainer is offered; HiFi Tuner's vectors are not a token, and its fields are not on the form yet
-    assert [m.name for m in offered(registry.methods("trainer"))] == ["cross-init", "textual-inversion", "core"]
-    assert "stepwise_steps" not in params["/personalize"]
+    # every token trainer is offered, and HiFi Tuner (its subject is sampled and used by /replace_subject)
+    offered_names = [m.name for m in offered(registry.methods("trainer"))]
+    assert offered_names == ["cross-init", "textual-inversion", "core", "hifi-tuner"]
+    assert {"subject_word", "stepwise_steps", "mask_guidance"} <= params["/personalize"]
+    assert {"image", "source", "target", "subject", "null_steps"} <= params["/replace_subject"]
 
 
 def test_generate_returns_images_nfe_and_downloads(client):
@@ -361,6 +363,62 @@ def test_personalize_with_core_samples_with_its_stage2_unet_and_leaves_the_model
     assert tuned is not base.unet and getattr(tuned, "peft_config", None)
     assert all(torch.equal(v, base.unet.state_dict()[k]) for k, v in weights.items())
     assert not getattr(base.unet, "peft_config", None)
+
+
+def test_personalize_with_hifi_tuner_samples_the_subject_and_replaces_an_object(app, client, tmp_path):
+    from genreg.methods.hifi_tuner import HiFiSubject
+
+    gallery, report, subject_file, *_, prompt = client.predict(
+        method="hifi-tuner",
+        source="kit",
+        subject=KIT,
+        subject_word="circle",
+        stepwise_steps=1,
+        num_inference_steps=3,
+        max_train_steps=2,
+        **TINY_TRAIN,
+        api_name="/personalize",
+    )
+    assert len(gallery) == 4 and all(is_real_image(item["image"]) for item in gallery)
+    assert "Later stages (the step-wise sets): 3 steps" in report and prompt == "a large circle in the center"
+    subject = HiFiSubject.load(subject_file)
+    assert subject.step_vectors.shape[0] == 3 and subject.subject_word == "circle"
+    assert not getattr(app.workspace.base.unet, "training", False)
+
+    subject_upload = handle_file(subject_file)
+    images = client.predict(embeddings=subject_upload, prompt=prompt, num_images=2, api_name="/generate_with_token")
+    assert len(images) == 2 and all(is_real_image(item["image"]) for item in images)
+
+    from genreg.tinyworld import Obj, Scene, render
+
+    scene = tmp_path / "scene.png"
+    render(Scene((Obj("square", "green", "large", "center"),)))[0].save(scene)
+    prompts = {"source": "a large green square in the center", "target": "a large green circle in the center"}
+    pair, text, replaced = client.predict(
+        image=handle_file(scene), subject=subject_upload, null_steps=1, **prompts, api_name="/replace_subject"
+    )
+    assert [item["caption"] for item in pair] == ["reconstruction", "replaced"]
+    assert all(is_real_image(item["image"]) for item in pair) and is_real_image(replaced)
+    assert "3 steps, 1 null-text steps each" in text
+    _, _, embeds, *_ = client.predict(
+        method="textual-inversion",
+        source="kit",
+        subject=KIT,
+        placeholder_token=TOKEN,
+        max_train_steps=1,
+        **TINY_TRAIN,
+        api_name="/personalize",
+    )
+    with pytest.raises(AppError, match="Replace needs a HiFi Tuner subject"):
+        client.predict(image=handle_file(scene), subject=handle_file(embeds), **prompts, api_name="/replace_subject")
+    with pytest.raises(AppError, match="swap the object's word"):
+        client.predict(
+            image=handle_file(scene),
+            subject=subject_upload,
+            source=prompts["source"],
+            target=prompts["source"],
+            api_name="/replace_subject",
+        )
 
 
 def test_stopped_training_writes_a_checkpoint_and_resumes(app, client):

@@ -183,9 +183,12 @@ def step_reporter(progress: gr.Progress, desc: str, stop: threading.Event | None
     return report
 
 
-def sample(pipe, kwargs: dict, stop: threading.Event, progress: gr.Progress, desc: str) -> tuple[object, float, int]:
-    """Runs a text-to-image pipeline with live progress; Stop sets ``pipe._interrupt`` (diffusers' own flag), so the
-    loop ends after the current step. Returns (output, seconds, steps done)."""
+def sample(
+    pipe, kwargs: dict, stop: threading.Event, progress: gr.Progress, desc: str, call: Callable | None = None
+) -> tuple[object, float, int]:
+    """Runs a text-to-image pipeline (or ``call``, a function that calls ``pipe`` and passes its step-end callback
+    on) with live progress; Stop sets ``pipe._interrupt`` (diffusers' own flag), so the loop ends after the current
+    step. Returns (output, seconds, steps done)."""
     done = [0]
 
     def on_step_end(p, i, t, callback_kwargs):
@@ -196,7 +199,7 @@ def sample(pipe, kwargs: dict, stop: threading.Event, progress: gr.Progress, des
 
     with reporting(pipe, step_reporter(progress, desc)):
         start = time.perf_counter()
-        out = pipe(**kwargs, callback_on_step_end=on_step_end)
+        out = (call or pipe)(**kwargs, callback_on_step_end=on_step_end)
         seconds = time.perf_counter() - start
     return out, seconds, done[0]
 

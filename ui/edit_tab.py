@@ -47,6 +47,21 @@ def fit_square(image: Image.Image, size: int) -> Image.Image:
     return image.resize((size, size), resample, box=box)
 
 
+def picture_of(path: str, size: int) -> tuple[Image.Image, list[str]]:
+    """The uploaded image at ``path`` fitted to the model's native ``size``, and a line saying so where it changed."""
+    try:
+        original = load_image(path)
+    except ValueError:
+        raise ValueError(f"{Path(path).name} is not a readable image file; upload a PNG, JPEG or WebP image") from None
+    lines = []
+    if original.width != original.height or original.width % size:  # enlarged renders go back exactly
+        lines.append(
+            f"The {original.width}x{original.height} image was cropped and resized to {size}x{size}, the model's "
+            "native size."
+        )
+    return fit_square(original, size), lines
+
+
 def scenes() -> dict[str, tuple]:
     """Rendered tiny-world scenes to edit, by their description: (scene, suggested target prompt)."""
     from genreg.tinyworld import Obj, Scene
@@ -164,20 +179,7 @@ def build(ws: Workspace, methods: list[Method], stop_button: StopButton) -> None
         method, own = form.split(values)
         options = make_config(method.config, own[method.config], files=ws.confined)
         settings = make_config(method.settings, own[method.settings], files=ws.confined) if method.settings else None
-        try:
-            original = load_image(path)
-        except ValueError:
-            raise ValueError(
-                f"{Path(path).name} is not a readable image file; upload a PNG, JPEG or WebP image"
-            ) from None
-        size = ws.native_size
-        picture = fit_square(original, size)
-        lines = []
-        if original.width != original.height or original.width % size:  # enlarged renders go back exactly
-            lines.append(
-                f"The {original.width}x{original.height} image was cropped and resized to {size}x{size}, the "
-                "model's native size."
-            )
+        picture, lines = picture_of(path, ws.native_size)
         pipe = ws.pipeline(method)
         with ws.job("edit", session_of(request)) as stop:
             start = time.perf_counter()

@@ -1,10 +1,12 @@
-"""The Personalize tab: teach the model a new token with the registered trainers (kind "trainer").
+"""The Personalize tab: teach the model a new token, or a HiFi Tuner subject, with the registered trainers (kind
+"trainer").
 
 The form is a trainer's config (its ``train_data_dir`` is hidden: the app writes the training images there) and the
 shared ``TrainConfig`` (``output_dir`` and ``mixed_precision`` hidden: the app sets them); picking a trainer shows its
 own fields and puts in its ``train_defaults``. A run writes checkpoints into its own folder under the app's runs
 folder, as the training scripts do, so a stopped run resumes. The learned token is sampled with the first registered
-sampler.
+sampler; a HiFi Tuner subject (encoder-output vectors, named by its class word) through the stock pipeline, and the
+Replace action below puts it into another image (``subject``).
 """
 
 from __future__ import annotations
@@ -33,28 +35,30 @@ from .common import (
     session_of,
 )
 from .forms import MethodForm, build_form, make_config
+from .subject import build_replace, is_subject_file, learns_subject, subject_samples
 from .workspace import Workspace
 
 SOURCES = [("Tiny-world subject kit", "kit"), ("My images", "upload")]
 TOKEN_PROMPT = "a large {} in the center"
 INTRO = (
-    "Teach the model a new word for a subject from a few images: the trainer learns a token embedding and writes "
-    "checkpoints as the training scripts do, so a stopped run can be resumed. The shared model is not changed; the "
-    "token lives in its own copy of the text encoder."
+    "Teach the model a new word for a subject from a few images: the trainer learns a token embedding (HiFi Tuner: "
+    "vectors that the subject's class word brings into a prompt) and writes checkpoints as the training scripts do, "
+    "so a stopped run can be resumed. The shared model is not changed; the token lives in its own copy of the text "
+    "encoder."
 )
 
 
 def offered(methods: list[Method]) -> list[Method]:
-    """The trainers this tab runs: those that learn a token. A trainer of another result (HiFi Tuner's encoder-output
-    vectors) is not offered here yet."""
-    return [m for m in methods if issubclass(m.config, EmbeddingConfig)]
+    """The trainers this tab runs: those that learn a token, and HiFi Tuner (a subject of encoder-output vectors)."""
+    return [m for m in methods if issubclass(m.config, EmbeddingConfig) or learns_subject(m)]
 
 
 def kit_values(subject, bundled: bool = True) -> dict:
-    """Form values that suit tiny-world subject ``subject``: its token and its shape as the initializer word; on the
-    bundled model also no flips (kit captions name positions), its shape as Cross Initialization's class and the tiny
-    world's contexts as CoRe's."""
+    """Form values that suit tiny-world subject ``subject``: its token and its shape as the initializer word (and as
+    HiFi Tuner's subject word); on the bundled model also no flips (kit captions name positions), its shape as Cross
+    Initialization's class and the tiny world's contexts as CoRe's."""
     values = {"placeholder_token": f"<{subject.name}>", "initializer_token": subject.shape}
+    values["subject_word"] = subject.shape
     if bundled:
         values |= {"subject_class": f"tinyworld:{subject.shape}", "flip_p": 0.0, "prompt_set": "tinyworld"}
     return values
@@ -118,7 +122,8 @@ def build(ws: Workspace, methods: list[Method], stop_button: StopButton) -> None
             )
             summary = gr.Markdown(elem_id="pers-report")
             embeds = gr.File(
-                label="Learned embedding (learned_embeds.safetensors; or upload one)",
+                label="Learned embedding (learned_embeds.safetensors, or HiFi Tuner's hifi_subject.safetensors; or "
+                "upload one)",
                 file_types=[".safetensors"],
                 elem_id="pers-embeds",
             )
@@ -148,7 +153,8 @@ def build(ws: Workspace, methods: list[Method], stop_button: StopButton) -> None
         prompt_template = values.pop("sample_prompt") or TOKEN_PROMPT
         method, own = form.split(values)
         config_values, train_values = own[method.config], {n: values.pop(n) for n in train}
-        token = str(config_values.get("placeholder_token") or "").strip()
+        subject_run = learns_subject(method)  # HiFi Tuner: prompts name the subject by its class word
+        token = str(config_values.get("subject_word" if subject_run else "placeholder_token") or "").strip()
         folder = ws.run_folder(values.pop("run_folder"), method.name, token)
         resume = resume_setting(ws, train_values, folder)
         # Validate every setting before writing anything; the data folder is filled in later.
@@ -186,13 +192,17 @@ def build(ws: Workspace, methods: list[Method], stop_button: StopButton) -> None
             stopped = stop.is_set() and steps[0] < total
             prompt = prompt_template.replace("{}", token)
             samples = []
-            if not stopped:  # a stopped run shows no samples: Stop means stop now
+            if not stopped and subject_run:  # a stopped run shows no samples: Stop means stop now
+                request = sampler.config(prompt=prompt).pipeline_kwargs()
+                samples = subject_samples(ws, path, request, stop, progress)[0]
+            elif not stopped:
                 options = sampler.config(prompt=prompt)
                 pipe = ws.personalized(path, sampler, tuned=folder)
                 samples = sample(pipe, options.pipeline_kwargs(), stop, progress, "sampling with the token")[0].images
         text = run_summary(method, f"`{token}`", train_config, steps[0], stopped, seconds, folder)
         if later:
-            text += f"\n\nLater stages (UNet tuning, test-time optimization): {later} steps after the token's."
+            stages = "the step-wise sets" if subject_run else "UNet tuning, test-time optimization"
+            text += f"\n\nLater stages ({stages}): {later} steps after the first's."
         if samples:
             text += f"\n\nSamples: `{prompt}`."
         return (
@@ -220,6 +230,9 @@ def build(ws: Workspace, methods: list[Method], stop_button: StopButton) -> None
             raise ValueError("no learned embedding: train a token first, or upload a learned_embeds.safetensors")
         options = make_config(sampler.config, values, files=ws.confined)
         with ws.job("generate", session_of(request)) as stop:
+            if is_subject_file(embeds_path):
+                images = subject_samples(ws, embeds_path, options.pipeline_kwargs(), stop, progress)[0]
+                return seeded(images, options.seed)
             pipe = ws.personalized(embeds_path, sampler)
             out, _, _ = sample(pipe, options.pipeline_kwargs(), stop, progress, "sampling with the token")
         return seeded(out.images, options.seed)
@@ -232,3 +245,5 @@ def build(ws: Workspace, methods: list[Method], stop_button: StopButton) -> None
         api_name="generate_with_token",
         **GPU,
     )
+
+    build_replace(ws, embeds, stop_button)

@@ -8,7 +8,6 @@ Cross-attention maps are read through the shared attention layer's recorder, ins
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import logging
 from pathlib import Path
@@ -17,9 +16,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ...adapters import LORA_FILE, add_adapter, attention_blocks, save_result
+from ...adapters import fine_tune_unet
 from ...attention import AttentionRecorder, recording, select_layers
-from ...diffusion import FineTuneObjective, noised_batch
+from ...diffusion import noised_batch
 from ...embeddings import (
     EmbeddingObjective,
     PlaceholderVectors,
@@ -29,8 +28,7 @@ from ...embeddings import (
     single_token_id,
     train_embedding,
 )
-from ...io import atomic_write
-from ...training import StepContext, TrainConfig, fit, gradient_step, process_state
+from ...training import StepContext, TrainConfig, gradient_step
 from .config import CoReConfig, check_context
 from .regularizers import (
     context_attention_loss,
@@ -184,8 +182,6 @@ def tune_unet(pipe, config: CoReConfig, train: TrainConfig, **fit_kwargs) -> Pat
     """Stage 2: the token frozen, a copy of the UNet (then ``pipe.unet``) fine-tuned on the subject's images with the
     diffusion loss, whole or LoRA on every transformer block; returns the saved ``unet/`` folder or LoRA weights file
     (None when stopped: the stage's checkpoint resumes it)."""
-    from diffusers.training_utils import cast_training_params
-
     out = Path(train.output_dir)
     # A whole UNet's checkpoint holds it and its optimizer state: keep one unless told otherwise.
     limit = train.checkpoints_total_limit or 1
@@ -199,30 +195,12 @@ def tune_unet(pipe, config: CoReConfig, train: TrainConfig, **fit_kwargs) -> Pat
     )
     data = config.read(pipe, config.learnable_property)
     names = " ".join(placeholder_names(config.placeholder_token, config.num_vectors))
-    # Stage 2 tunes a copy: a UNet the caller shares (the app's model) stays as it was; the pipe gets the copy.
-    pipe.unet = unet = copy.deepcopy(pipe.unet)
-    if config.unet_lora_rank:
-        add_adapter(unet, [1] * len(attention_blocks(unet)), "lora", config.unet_lora_rank)
-    else:
-        unet.requires_grad_(True)
-    cast_training_params(unet, dtype=torch.float32)  # trained weights in fp32 under fp16/bf16 autocast
-    objective = FineTuneObjective(pipe).to(pipe.device)
     settings = {"method": "core-unet", "rank": config.unet_lora_rank, "token": config.placeholder_token}
-    result = fit(
-        objective,
-        lambda s, i: data.sample(pipe.tokenizer, stage.seed, s, i, names),
-        stage,
-        settings=settings,
-        **fit_kwargs,
-    )
-    unet.requires_grad_(False)
-    if result.stopped:
-        return None
-    if not process_state().is_main_process:
-        return out / ("unet" if not config.unet_lora_rank else LORA_FILE)
-    if config.unet_lora_rank:
-        return save_result(pipe, "lora", out)
-    return atomic_write(out / "unet", lambda tmp: unet.save_pretrained(tmp, safe_serialization=True))
+
+    def sample(step: int, index: int) -> dict:
+        return data.sample(pipe.tokenizer, stage.seed, step, index, names)
+
+    return fine_tune_unet(pipe, sample, stage, out, config.unet_lora_rank, settings, **fit_kwargs)
 
 
 def tune_for_prompt(pipe, config: CoReConfig, train: TrainConfig, prompt: str, **fit_kwargs) -> Path:

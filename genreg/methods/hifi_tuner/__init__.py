@@ -7,7 +7,7 @@ cross-attention injection (Alg. 3).
 
 No official code exists: this is genreg's reading of the paper (see the research notes); where the paper is silent
 (w_s, the mask's resizing and normalisation) the choices are named in the config and in ``masked_mse``.
-The DreamBooth variant is not implemented yet.
+The DreamBooth variant (``--variant dreambooth``) tunes the UNet, whole or LoRA, under the same mask instead.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from .config import HiFiTunerConfig
 from .reference import Reference, ReferenceGuidance, align_masks, reference_guided, warp
 from .replace import Replacement, replace_subject, token_alignment
 from .subject import SUBJECT_FILE, HiFiSubject, empty_tail, generate, replace_last
-from .trainer import SubjectObjective, masked_mse, row_update, train_hifi_tuner
+from .trainer import SubjectObjective, masked_mse, row_update, train_dreambooth, train_hifi_tuner
 
 METHOD = register(
     Method(
@@ -50,6 +50,7 @@ __all__ = [
     "replace_subject",
     "row_update",
     "token_alignment",
+    "train_dreambooth",
     "train_hifi_tuner",
     "warp",
 ]

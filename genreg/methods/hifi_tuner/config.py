@@ -1,5 +1,6 @@
 """HiFi Tuner's settings: the subject word the captions name, the output-space vectors and the switches of the
-paper's parts (mask guidance, parameter regularization, step-wise representations), each off-able for ablations."""
+paper's parts (mask guidance, parameter regularization, step-wise representations), each off-able for ablations; and
+the DreamBooth variant (the UNet learns the subject under the same mask)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ from dataclasses import dataclass
 
 from ...config import option
 from ...training.data import TEMPLATES, ImageDataConfig, ImageFolder, check_caption
+
+VARIANTS = ("embedding", "dreambooth")
 
 
 @dataclass
@@ -28,6 +31,19 @@ class HiFiTunerConfig(ImageDataConfig):
     learnable_property: str = option(
         "object", "prompt templates when images have no captions", choices=("object", "style"), place="advanced"
     )
+    # The DreamBooth variant is offered by the command line and Python; the app trains the vectors only.
+    variant: str = option(
+        "embedding",
+        "what learns the subject: 'embedding' (the output-space vectors; the paper's TI variant) or 'dreambooth' "
+        "(the UNet, whole or LoRA, under the same mask, with captions naming '<identifier> <subject_word>'; the "
+        "run's max_train_steps and learning_rate are then the UNet's, e.g. 400 and 5e-6, or 1e-4 with LoRA)",
+        choices=VARIANTS,
+        place="hidden",
+    )
+    identifier: str = option("sks", "DreamBooth variant: the rare word put before the subject word", place="hidden")
+    lora_rank: int = option(
+        0, "DreamBooth variant: LoRA of this rank on every transformer block (0 = the whole UNet)", place="hidden"
+    )
 
     def __post_init__(self):
         super().__post_init__()
@@ -44,6 +60,27 @@ class HiFiTunerConfig(ImageDataConfig):
             raise ValueError(f"num_inference_steps must be at least 1, got {self.num_inference_steps}")
         if self.learnable_property not in TEMPLATES:
             raise ValueError(f"learnable_property must be one of {', '.join(TEMPLATES)}")
+        if self.variant not in VARIANTS:
+            raise ValueError(f"variant must be one of {', '.join(VARIANTS)}, got {self.variant!r}")
+        if not self.identifier.strip():
+            raise ValueError("identifier is empty: give the DreamBooth variant a rare word, e.g. 'sks'")
+        check_caption(self.identifier, "identifier")
+        if self.lora_rank < 0:
+            raise ValueError(f"lora_rank must be >= 0 (0 = the whole UNet), got {self.lora_rank}")
+
+    @property
+    def dreambooth(self) -> bool:
+        return self.variant == "dreambooth"
+
+    @property
+    def words(self) -> str:
+        """What the captions' {} and the prompts say for the subject: its word, after the identifier for DreamBooth."""
+        return f"{self.identifier} {self.subject_word}" if self.dreambooth else self.subject_word
+
+    def later_steps(self) -> int:
+        """Steps the run takes after the shared set's ``max_train_steps``: the step-wise stage, I per sampling step
+        (none for the DreamBooth variant, which has no vectors to refine)."""
+        return 0 if self.dreambooth else self.stepwise_steps * self.num_inference_steps
 
     def data(self, pipe) -> ImageFolder:
         """The images, with masks checked present when mask guidance is on."""

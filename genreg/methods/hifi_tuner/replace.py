@@ -16,6 +16,7 @@ captions I_r with BLIP-2, which cannot be downloaded here: the caller gives c_r 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
 
@@ -74,11 +75,13 @@ def replace_subject(
     num_inference_steps: int | None = None,
     settings: Replacement | None = None,
     inverted: tuple[torch.Tensor, list[torch.Tensor]] | None = None,
+    on_step: Callable[[int, int], None] | None = None,
 ) -> tuple[PIL.Image.Image, dict]:
     """``image`` (described by ``source_prompt``) with the object that ``target_prompt`` renames by the subject's
     word replaced by the subject (Algorithm 3). Returns the image and ``info``: the reconstruction drawn beside it,
     and ``"inverted"``, (x_T, [phi_t]) to pass back as ``inverted`` for another subject or target prompt of the same
-    image, source prompt, steps and guidance scale (the inversion and null-text optimization are then skipped)."""
+    image, source prompt, steps and guidance scale (the inversion and null-text optimization are then skipped).
+    ``on_step(done, total)`` is called after each inversion, null-text and sampling step (raising in it stops)."""
     settings = settings or Replacement()
     if getattr(pipe, "text_encoder_2", None) is not None:
         raise ValueError("HiFi Tuner subjects support pipelines with one text encoder (SD 1.x/2.x), not SDXL yet")
@@ -94,14 +97,22 @@ def replace_subject(
     def model(x, t, embeds):
         return unet(x, t, embeds.to(unet.dtype)).sample
 
+    phases = 1 if inverted is not None else 3 if settings.null_text_steps else 2
+    done = [0]
+
+    def tick(*_) -> None:
+        done[0] += 1
+        if on_step is not None:
+            on_step(done[0], phases * steps)
+
     if inverted is None:
         with torch.no_grad():
             latents = encode_image(pipe, image.convert("RGB"))
-            trajectory = ddim_invert(lambda z, t: model(z, t, c_r), latents, scheduler)
+            trajectory = ddim_invert(lambda z, t: model(z, t, c_r), latents, scheduler, callback=tick)
         phis = [phi] * steps
         if settings.null_text_steps:
             fit = settings.null_text_steps, settings.learning_rate
-            phis = null_text_optimization(model, trajectory, scheduler, c_r, phi, guidance_scale, *fit)
+            phis = null_text_optimization(model, trajectory, scheduler, c_r, phi, guidance_scale, *fit, callback=tick)
         inverted = (trajectory[-1], phis)
     x_T, phis = inverted
     if len(phis) != steps:
@@ -115,5 +126,6 @@ def replace_subject(
             u_s, c_s, u_t, c_t = model(torch.cat([x_source, x_source, x_target, x_target]), t, embeds).chunk(4)
             x_source = ddim_step(scheduler, u_s + guidance_scale * (c_s - u_s), t, x_source)
             x_target = ddim_step(scheduler, u_t + guidance_scale * (c_t - u_t), t, x_target)
+            tick()
         reconstruction, replaced = decode_latents(pipe, torch.cat([x_source, x_target]))
     return replaced, {"reconstruction": reconstruction, "inverted": inverted}

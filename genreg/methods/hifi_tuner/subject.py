@@ -5,7 +5,9 @@ pipeline (``prompt_embeds`` plus the step-end callback that swaps in the next st
 The file (``hifi_subject.safetensors``) holds ``vectors`` (n, d), ``step_vectors`` (T, n, d) when step-wise, and
 metadata: the space, the subject word, and for a step-wise set the sampling steps and timesteps it was made for.
 It is not a token embedding: ``load_textual_inversion`` cannot read it (the vectors are encoder outputs, not input
-rows); ``HiFiSubject.load`` and :func:`generate` do.
+rows); ``HiFiSubject.load`` and :func:`generate` do. The DreamBooth variant's file holds phi_s as its vectors (so
+[c, phi_s] ~ c) and names the tuned UNet beside it, which loads with the standard tools
+(``pipe.load_lora_weights(folder)`` or ``UNet2DConditionModel.from_pretrained(folder, subfolder="unet")``).
 """
 
 from __future__ import annotations
@@ -65,6 +67,7 @@ class HiFiSubject:
     timesteps: list[int] | None = None  # the timesteps the step-wise set was made for, in sampling order
     num_inference_steps: int | None = None  # ... with this many steps
     scheduler: str | None = None  # ... of this scheduler class
+    unet: str | None = None  # DreamBooth variant: the tuned UNet beside the file ("unet" or the LoRA weights file)
 
     @property
     def num_vectors(self) -> int:
@@ -73,6 +76,8 @@ class HiFiSubject:
     def save(self, path: str | Path) -> Path:
         tensors = {"vectors": self.vectors.detach().float().cpu().contiguous()}
         meta = {"format": "genreg.hifi_tuner", "space": SPACE, "subject_word": self.subject_word}
+        if self.unet:
+            meta["unet"] = self.unet
         if self.step_vectors is not None:
             tensors["step_vectors"] = self.step_vectors.detach().float().cpu().contiguous()
             meta |= {"timesteps": json.dumps(self.timesteps), "scheduler": self.scheduler}
@@ -105,6 +110,7 @@ class HiFiSubject:
             json.loads(meta["timesteps"]) if stepwise else None,
             int(meta["num_inference_steps"]) if stepwise else None,
             meta.get("scheduler"),
+            meta.get("unet"),
         )
 
     def schedule(self, scheduler, steps: int | None, stepwise: bool = True) -> tuple[int, torch.Tensor]:
@@ -143,21 +149,26 @@ def generate(
 ):
     """``pipe(...)`` with the subject in every prompt (x_{t-1} = F^(t)(x_t, [c, c_s^t], phi), Eq. 7): the prompts
     name the subject by its word; the vectors of step i go into the encoding's last n positions at step i, through
-    the stock pipeline's step-end callback. Other keyword arguments go to the pipeline."""
+    the stock pipeline's step-end callback (a ``callback_on_step_end`` passed here runs first, and may also ask for
+    other tensors). Other keyword arguments go to the pipeline."""
     if getattr(pipe, "text_encoder_2", None) is not None:
         raise ValueError("HiFi Tuner subjects support pipelines with one text encoder (SD 1.x/2.x), not SDXL yet")
     prompts = [prompt] if isinstance(prompt, str) else list(prompt)
     steps, rows = subject.schedule(pipe.scheduler, num_inference_steps, stepwise)
     positive = subject.prompt_embeds(pipe, prompts, rows[0]).repeat_interleave(num_images_per_prompt, dim=0)
     count = positive.shape[0]
+    callback = kwargs.pop("callback_on_step_end", None)
+    inputs = list(dict.fromkeys(["prompt_embeds", *kwargs.pop("callback_on_step_end_tensor_inputs", [])]))
 
     def next_step(pipe, i: int, t, tensors: dict) -> dict:
+        if callback is not None:
+            tensors = tensors | (callback(pipe, i, t, tensors) or {})
         embeds = tensors["prompt_embeds"]
         if i + 1 < len(rows):
             embeds = embeds.clone()
             # under CFG the pipeline's tensor is [unconditional; conditional]: the conditional rows are the last
             embeds[-count:] = replace_last(embeds[-count:], rows[i + 1])
-        return {"prompt_embeds": embeds}
+        return tensors | {"prompt_embeds": embeds}
 
     negative = kwargs.pop("negative_prompt", None) or ""
     negatives = [negative] * len(prompts) if isinstance(negative, str) else list(negative)
@@ -167,6 +178,6 @@ def generate(
         negative_prompt_embeds=negative_embeds.repeat_interleave(num_images_per_prompt, dim=0),
         num_inference_steps=steps,
         callback_on_step_end=next_step,
-        callback_on_step_end_tensor_inputs=["prompt_embeds"],
+        callback_on_step_end_tensor_inputs=inputs,
         **kwargs,
     )

@@ -14,28 +14,17 @@ import logging
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from ...diffusion import noised_batch
-from ...training import StepContext, TrainConfig, fit, gradient_step, process_state
+from ...adapters import fine_tune_unet
+from ...diffusion import masked_mse, noised_batch
+from ...training import StepContext, TrainConfig, fit, gradient_step, list_checkpoints, process_state
 from .config import HiFiTunerConfig
 from .subject import SUBJECT_FILE, HiFiSubject, check_free_tail, empty_tail, replace_last, scheduler_timesteps
 
 logger = logging.getLogger(__name__)
 
 STEPWISE_STAGE = "stepwise-stage"  # the step-wise stage's checkpoints, inside the run's output_dir
-
-
-def masked_mse(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    """||M (pred - target)||^2 averaged over each sample's masked latent entries (M: the image mask area-resized to
-    the latent grid), then over the batch; the plain mean without a mask."""
-    err = (pred.float() - target.float()).pow(2)
-    if mask is None:
-        return err.mean()
-    weight = F.interpolate(mask.float(), size=err.shape[-2:], mode="area")
-    per_sample = (weight * err).sum((1, 2, 3)) / (weight.sum((1, 2, 3)) * err.shape[1]).clamp_min(1e-8)
-    return per_sample.mean()
 
 
 class SubjectObjective(nn.Module):
@@ -82,12 +71,39 @@ def row_update(steps_per_row: int):
 
 def _check_data(pipe, config: HiFiTunerConfig):
     data = config.data(pipe)
-    check_free_tail(pipe.tokenizer, data.prompts(config.subject_word), config.num_vectors)
+    check_free_tail(pipe.tokenizer, data.prompts(config.words), config.num_vectors)
     if config.mask_guidance:
         empty = [i for i, item in enumerate(data.items) if not item.mask.any()]
         if empty:
             raise ValueError(f"the mask of image {empty[0]} is empty: white marks the subject in masks/<stem>.png")
     return data
+
+
+def train_dreambooth(pipe, config: HiFiTunerConfig, train: TrainConfig, data, anchor, settings, **fit_kwargs) -> Path:
+    """The DreamBooth variant: a copy of the UNet (whole or LoRA; then ``pipe.unet``) learns the subject named
+    '<identifier> <subject word>' under the mask-weighted loss (Eq. 5). The subject file holds phi_s as its vectors
+    ([c, phi_s] ~ c), so ``generate``, ``reference_guided`` and ``replace_subject`` run on the tuned pipeline as they
+    are. Returns the subject file, or the newest checkpoint when stopped."""
+    if train.learning_rate > 1e-3:
+        raise ValueError(
+            f"the DreamBooth variant tunes the UNet, and learning_rate {train.learning_rate} would wreck it: use "
+            "DreamBooth's 5e-6 for the whole UNet, or 1e-4 with --lora_rank"
+        )
+    out = Path(train.output_dir)
+    # A whole UNet's checkpoint holds it and its optimizer state: keep one unless told otherwise.
+    stage = dataclasses.replace(train, checkpoints_total_limit=train.checkpoints_total_limit or 1)
+
+    def sample(step: int, index: int) -> dict:
+        return data.sample(pipe.tokenizer, stage.seed, step, index, config.words, config.mask_guidance)
+
+    masked = config.mask_guidance
+    tuned = fine_tune_unet(pipe, sample, stage, out, config.lora_rank, settings, masked, **fit_kwargs)
+    if tuned is None:
+        return list_checkpoints(out)[-1]
+    path = out / SUBJECT_FILE
+    if process_state().is_main_process:
+        HiFiSubject(anchor, config.words, unet=tuned.name).save(path)
+    return path
 
 
 def train_hifi_tuner(pipe, config: HiFiTunerConfig, train: TrainConfig, should_stop=None, on_step=None, **fit_kwargs):
@@ -101,6 +117,9 @@ def train_hifi_tuner(pipe, config: HiFiTunerConfig, train: TrainConfig, should_s
     anchor = empty_tail(pipe.text_encoder, pipe.tokenizer, config.num_vectors)
     kept = {k: v for k, v in dataclasses.asdict(config).items() if k != "train_data_dir"}  # the images may move
     settings = {"method": "hifi-tuner", **kept}
+    if config.dreambooth:
+        stops = {"should_stop": should_stop, "on_step": on_step}
+        return train_dreambooth(pipe, config, train, data, anchor, settings, **stops, **fit_kwargs)
     word, masks = config.subject_word, config.mask_guidance
     stopped = [False]
 

@@ -134,3 +134,24 @@ def test_adaptive_guidance_composes_per_clip_and_saves_evaluations(video_pipe):
     cfg = pipe("a red circle moving to the right", guidance="cfg", **kwargs)
     ag = pipe("a red circle moving to the right", guidance="ag", gamma_bar=-1.0, **kwargs)  # switches at once
     assert ag.nfe < cfg.nfe == 4 * 4 * 2
+
+
+def test_a_learnt_token_composes_with_cono():
+    """A token loaded with the standard loader reaches the prompts of the clips: another vector, another video."""
+    from diffusers import AnimateDiffPipeline, StableDiffusionPipeline
+    from genreg.pipelines import CoNoPipeline
+
+    from genreg.testing import tiny_motion_adapter, tiny_sd_components
+
+    videos = []
+    for seed in (0, 1):
+        base = StableDiffusionPipeline(**tiny_sd_components())
+        video = AnimateDiffPipeline.from_pipe(base, motion_adapter=tiny_motion_adapter())
+        width = video.text_encoder.get_input_embeddings().weight.shape[1]
+        video.load_textual_inversion({"<subject>": torch.randn(width, generator=torch.Generator().manual_seed(seed))})
+        pipe = CoNoPipeline.from_pipe(video)
+        pipe.set_progress_bar_config(disable=True)
+        prompts = ["a <subject> moving to the right", "a <subject> moving up"]
+        out = pipe(prompts, num_frames=36, num_inference_steps=2, generator=torch.Generator().manual_seed(0))
+        videos.append(out.frames)
+    assert videos[0].shape == (1, 36, 32, 32, 3) and not np.allclose(videos[0], videos[1])

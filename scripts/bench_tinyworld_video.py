@@ -75,6 +75,7 @@ def main() -> None:
     p.add_argument("--long_frames", type=int, default=48)
     p.add_argument("--steps", type=int, default=25)
     p.add_argument("--guidance_scale", type=float, default=5.0)
+    p.add_argument("--model", default="tinyworld", help="the image model (its text encoder knows the motion words)")
     p.add_argument("--motion_adapter", default="tinyworld")
     p.add_argument("--out", default="bench/results/tinyworld_video")
     args = p.parse_args()
@@ -84,7 +85,7 @@ def main() -> None:
     clips = [sample_clip(rng, motion=MOTIONS[i % len(MOTIONS)]) for i in range(args.clips)]
     prompts = [clip_prompt(c) for c in clips]
     evaluator = VideoEvaluator.load()
-    pipe = load_video_pipeline("tinyworld", args.motion_adapter, device="cpu", dtype=torch.float32)
+    pipe = load_video_pipeline(args.model, args.motion_adapter, device="cpu", dtype=torch.float32)
     pipe.set_progress_bar_config(disable=True)
 
     truth = [render_clip(c) for c in clips]

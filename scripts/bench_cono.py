@@ -5,9 +5,10 @@ clips concatenated and FreeNoise, with the ablations (no look-back, no regulariz
 
 Every row draws the same prompts with the same seed and length; the segments (which frames each prompt owns) are
 CoNo's. Per video, at each clip boundary of the row (where one drawn clip meets the next: CoNo's stage joins, the
-independent clips' joins, FreeNoise's prompt switches or every 16 frames), the per-frame evaluator reads the object on
-both sides: ``boundary_identity`` (same shape and, but for turning, colour), ``boundary_similarity`` (embedding
-cosine) and ``boundary_jump`` (the step there exceeds 6 px, the clip's own step being 2.3 px). Each segment is scored
+independent clips' joins, FreeNoise's prompt switches or every 16 frames), the per-frame evaluator reads the objects on
+both sides, paired by place: ``boundary_identity`` (as many objects, each the same shape and, but for turning,
+colour), ``boundary_similarity`` (embedding cosine) and ``boundary_jump`` (an object appears or goes, or steps more
+than 6 px there, the clip's own step being 2.3 px). Each segment is scored
 against its prompt (``adherence``, ``motion_followed``). Writes bench/results/cono.{json,md}.
 """
 
@@ -92,22 +93,36 @@ def draw_row(name, pipe, cono, prompts, owner, args) -> tuple[np.ndarray, list[i
     return out.frames[0], out.clip_starts, time.perf_counter() - start, out.prompt_of_frame
 
 
+def matched(before: list, after: list) -> list[tuple]:
+    """The objects of two frames paired by nearest centroid (each used once); None where the counts differ."""
+    pairs, left = [], list(after)
+    for a in before:
+        if not left:
+            return None
+        c = min(left, key=lambda o: np.hypot(a.x - o.x, a.y - o.y))
+        left.remove(c)
+        pairs.append((a, c))
+    return None if left or not pairs else pairs
+
+
 def score(evaluator: VideoEvaluator, frames, bounds, prompts, owner) -> dict:
+    """Boundary scores read every object on both sides, paired by place (a frame may hold two)."""
     objs = evaluator.objects(frames)
-    first = [o[0] if o else None for o in objs]
     same, sims, jumps = [], [], []
     for b in bounds:
-        a, c = first[b - 1], first[b]
+        pairs = matched(objs[b - 1], objs[b])
         turning = "turning" in prompts[owner[b]]
         keys = ("shape",) if turning else ("shape", "color")
-        same.append(a is not None and c is not None and all(a.reading.get(k) == c.reading.get(k) for k in keys))
-        sims.append(float(a.embedding @ c.embedding) if a is not None and c is not None else 0.0)
-        jumps.append(a is None or c is None or np.hypot(a.x - c.x, a.y - c.y) > JUMP_PX)
+        same.append(pairs is not None and all(a.reading.get(k) == c.reading.get(k) for a, c in pairs for k in keys))
+        sims.append(float(np.mean([float(a.embedding @ c.embedding) for a, c in pairs])) if pairs else 0.0)
+        jumps.append(pairs is None or any(np.hypot(a.x - c.x, a.y - c.y) > JUMP_PX for a, c in pairs))
     segments = [
         evaluator.score_clip(frames[[i for i, k in enumerate(owner) if k == p]], prompt)
         for p, prompt in enumerate(prompts)
     ]
-    steps = [np.hypot(a.x - c.x, a.y - c.y) for a, c in zip(first, first[1:], strict=False) if a and c]
+    steps = [
+        np.hypot(a.x - c.x, a.y - c.y) for f in range(len(objs) - 1) for a, c in (matched(objs[f], objs[f + 1]) or [])
+    ]
     return {
         "boundary_identity": float(np.mean(same)),
         "boundary_similarity": float(np.mean(sims)),

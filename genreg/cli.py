@@ -156,6 +156,8 @@ def _generate_video(args: argparse.Namespace) -> None:
         raise ValueError("several prompts make a multi-prompt video: add --method cono")
     method = registry.get(args.method, "video") if args.method != "animatediff" else None
     settings = from_namespace(method.config, args) if method else None  # refused before loading the model
+    if hasattr(settings, "check_video"):  # so is a length the method cannot draw (the adapter's config is enough)
+        settings.check_video(len(args.prompt), args.num_frames, clip_length(args.motion_adapter))
     check_video_path(args.out)
     dtype = getattr(torch, args.dtype) if args.dtype else None
     with _quiet_loading(args.verbose):

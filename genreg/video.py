@@ -64,10 +64,13 @@ def load_video_pipeline(
     return with_motion(load_pipeline(model, device=device, dtype=dtype), motion_adapter)
 
 
-def clip_length(pipe: AnimateDiffPipeline) -> int:
+def clip_length(pipe_or_adapter: AnimateDiffPipeline | str | os.PathLike) -> int:
     """The number of frames the motion adapter is run on at once: 16 (AnimateDiff's and the bundled adapter's), or its
-    position table's length when shorter."""
-    return min(16, pipe.unet.config.motion_max_seq_length)
+    position table's length when shorter; of a pipeline, or of an adapter (``motion_adapter_path``) read from its
+    config alone."""
+    if isinstance(pipe_or_adapter, AnimateDiffPipeline):
+        return min(16, pipe_or_adapter.unet.config.motion_max_seq_length)
+    return min(16, MotionAdapter.load_config(motion_adapter_path(pipe_or_adapter))["motion_max_seq_length"])
 
 
 def generate_video(pipe: AnimateDiffPipeline, prompt: str, num_frames: int = 16, context_stride: int = 4, **kwargs):

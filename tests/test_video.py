@@ -318,8 +318,8 @@ def test_generate_video_command_makes_a_multi_prompt_video_with_cono(tmp_path):
         assert im.n_frames == 36
     plain = subprocess.run([*base, "--out", str(tmp_path / "x.gif")], capture_output=True, text=True, timeout=300)
     assert plain.returncode == 2 and "add --method cono" in plain.stderr
-    short = subprocess.run(
-        [*base, "--method", "cono", "--num-frames", "20", "--out", str(tmp_path / "x.gif")],
+    short = subprocess.run(  # refused before the model is looked for
+        [*base, "--method", "cono", "--num-frames", "20", "--model", "nowhere", "--out", str(tmp_path / "x.gif")],
         capture_output=True,
         text=True,
         timeout=300,

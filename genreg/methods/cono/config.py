@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ...config import option
+from .core import video_plan
 
 REDUCTIONS = ("mean", "sum")
 
@@ -61,3 +62,9 @@ class CoNoSettings:
                 f"with clips of {clip} frames, guided_frames (N1={self.guided_frames}) must stay below {clip} and "
                 f"N1 + right_frames (N2={self.right_frames}) too, leaving transition frames; lower them"
             )
+
+    def check_video(self, num_prompts: int, num_frames: int, clip: int) -> None:
+        """Refuses, before anything is drawn, settings or a length that a video of ``num_prompts`` prompts on clips
+        of ``clip`` frames cannot have, naming the fix."""
+        self.check_clip(clip)
+        video_plan(num_prompts, num_frames, clip, self.guided_frames, self.internal_stage)

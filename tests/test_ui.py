@@ -409,6 +409,9 @@ def test_personalize_with_hifi_tuner_samples_the_subject_and_replaces_an_object(
         **TINY_TRAIN,
         api_name="/personalize",
     )
+    tuned = dataclasses.replace(subject, unet="unet").save(tmp_path / "db_subject.safetensors")
+    with pytest.raises(AppError, match="DreamBooth-variant subject"):
+        client.predict(image=handle_file(scene), subject=handle_file(tuned), **prompts, api_name="/replace_subject")
     with pytest.raises(AppError, match="Replace needs a HiFi Tuner subject"):
         client.predict(image=handle_file(scene), subject=handle_file(embeds), **prompts, api_name="/replace_subject")
     with pytest.raises(AppError, match="swap the object's word"):

@@ -43,10 +43,22 @@ def is_subject_file(path: str | Path) -> bool:
         return False
 
 
+def load_subject(path: str | Path) -> HiFiSubject:
+    """The HiFi Tuner subject in ``path``; one of the DreamBooth variant is refused: it is in its tuned UNet, which
+    the app does not load."""
+    subject = HiFiSubject.load(path)
+    if subject.unet:
+        raise ValueError(
+            f"{Path(path).name} is a DreamBooth-variant subject: it lives in its tuned UNet ({subject.unet}), which "
+            "the app does not load; sample it from Python with the UNet loaded, or train the embedding variant here"
+        )
+    return subject
+
+
 def subject_samples(ws: Workspace, path: str | Path, kwargs: dict, stop, progress) -> tuple[list, int]:
     """The sampler's request ``kwargs`` drawn with the subject in ``path`` by the stock pipeline of the loaded model
     (CFG; a step-wise subject at the step count it was made for). Returns the images and the steps."""
-    subject = HiFiSubject.load(path)
+    subject = load_subject(path)
     request = {k: v for k, v in kwargs.items() if k in STOCK_KWARGS}
     request["num_inference_steps"] = subject.num_inference_steps or request.get("num_inference_steps", 50)
     draw = partial(generate, ws.base, subject)
@@ -94,7 +106,7 @@ def build_replace(ws: Workspace, subject_file: gr.File, stop_button: StopButton)
         if not path:
             raise ValueError("no image: upload one")
         picture, lines = picture_of(path, ws.native_size)
-        subject = HiFiSubject.load(subject_path)
+        subject = load_subject(subject_path)
         settings = Replacement(null_text_steps=int(values["null_steps"] or 0))
         with ws.job("replace", session_of(request)) as stop:
             start = time.perf_counter()

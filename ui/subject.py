@@ -55,15 +55,15 @@ def load_subject(path: str | Path) -> HiFiSubject:
     return subject
 
 
-def subject_samples(ws: Workspace, path: str | Path, kwargs: dict, stop, progress) -> tuple[list, int]:
-    """The sampler's request ``kwargs`` drawn with the subject in ``path`` by the stock pipeline of the loaded model
-    (CFG; a step-wise subject at the step count it was made for). Returns the images and the steps."""
+def subject_samples(ws: Workspace, path: str | Path, kwargs: dict, stop, progress) -> list:
+    """The images of the sampler's request ``kwargs`` drawn with the subject in ``path`` by the stock pipeline of the
+    loaded model (CFG; a step-wise subject at the step count it was made for)."""
     subject = load_subject(path)
     request = {k: v for k, v in kwargs.items() if k in STOCK_KWARGS}
     request["num_inference_steps"] = subject.num_inference_steps or request.get("num_inference_steps", 50)
     draw = partial(generate, ws.base, subject)
     out = sample(ws.base, request, stop, progress, "sampling with the subject", call=draw)[0]
-    return out.images, request["num_inference_steps"]
+    return out.images
 
 
 def build_replace(ws: Workspace, subject_file: gr.File, stop_button: StopButton) -> None:
@@ -124,7 +124,7 @@ def build_replace(ws: Workspace, subject_file: gr.File, stop_button: StopButton)
             except Interrupted:
                 return [], "**Stopped**: the replacement was interrupted; nothing was written.", None
             seconds = time.perf_counter() - start
-        steps = subject.num_inference_steps or 50
+        steps = len(info["inverted"][1])  # one null text per sampling step
         done = f"{steps} steps, {settings.null_text_steps} null-text steps each; {seconds:.1f} s."
         lines.append(f"**HiFi Tuner replacement** of `{values['source']}` by `{values['target']}`: {done}")
         file = save_image(replaced, ws.scratch_dir() / "genreg-replaced.png")

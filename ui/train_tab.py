@@ -194,7 +194,7 @@ def build(ws: Workspace, methods: list[Method], stop_button: StopButton) -> None
             samples = []
             if not stopped and subject_run:  # a stopped run shows no samples: Stop means stop now
                 request = sampler.config(prompt=prompt).pipeline_kwargs()
-                samples = subject_samples(ws, path, request, stop, progress)[0]
+                samples = subject_samples(ws, path, request, stop, progress)
             elif not stopped:
                 options = sampler.config(prompt=prompt)
                 pipe = ws.personalized(path, sampler, tuned=folder)
@@ -231,7 +231,7 @@ def build(ws: Workspace, methods: list[Method], stop_button: StopButton) -> None
         options = make_config(sampler.config, values, files=ws.confined)
         with ws.job("generate", session_of(request)) as stop:
             if is_subject_file(embeds_path):
-                images = subject_samples(ws, embeds_path, options.pipeline_kwargs(), stop, progress)[0]
+                images = subject_samples(ws, embeds_path, options.pipeline_kwargs(), stop, progress)
                 return seeded(images, options.seed)
             pipe = ws.personalized(embeds_path, sampler)
             out, _, _ = sample(pipe, options.pipeline_kwargs(), stop, progress, "sampling with the token")

@@ -158,6 +158,10 @@ def test_the_dreambooth_variant_tunes_the_unet_under_the_mask_and_loads_with_the
         train_hifi_tuner(tiny_pipe(), hifi_config(kit, variant="dreambooth"), train_config(tmp_path, "bad"))
     with pytest.raises(ValueError, match="variant must be one of"):
         hifi_config(kit, variant="lora")
+    with pytest.raises(ValueError, match="identifier is empty"):
+        hifi_config(kit, variant="dreambooth", identifier=" ")
+    with pytest.raises(ValueError, match="lora_rank must be >= 0"):
+        hifi_config(kit, variant="dreambooth", lora_rank=-1)
 
 
 def test_a_resumed_run_matches_an_uninterrupted_one_across_both_stages(tmp_path, kit):

@@ -52,7 +52,9 @@ def target_pattern(blocks: list[str], suffix: str = PROJECTIONS) -> str:
 
 
 def add_adapter(unet: nn.Module, mask, family: str = "lora", rank: int = 4) -> int:
-    """Adds the family's adapter to the blocks ``mask`` selects (the rest frozen); returns the trainable count."""
+    """Adds the family's adapter to the blocks ``mask`` selects (the rest frozen, the adapter in float32 whatever the
+    UNet's dtype, as fp16 mixed precision needs); returns the trainable count."""
+    from diffusers.training_utils import cast_training_params
     from peft import IA3Config, LoraConfig
 
     chosen = selected(attention_blocks(unet), mask)
@@ -70,6 +72,7 @@ def add_adapter(unet: nn.Module, mask, family: str = "lora", rank: int = 4) -> i
         raise ValueError(f"unknown adapter family {family!r}; choose one of {', '.join(FAMILIES)}")
     unet.requires_grad_(False)
     unet.add_adapter(config)
+    cast_training_params(unet, dtype=torch.float32)
     return sum(p.numel() for p in unet.parameters() if p.requires_grad)
 
 
@@ -143,7 +146,7 @@ def fine_tune_unet(
         add_adapter(unet, [1] * len(attention_blocks(unet)), "lora", lora_rank)
     else:
         unet.requires_grad_(True)
-    cast_training_params(unet, dtype=torch.float32)  # trained weights in fp32 under fp16/bf16 autocast
+        cast_training_params(unet, dtype=torch.float32)  # trained weights in fp32 under fp16/bf16 autocast
     objective = FineTuneObjective(pipe, masked).to(pipe.device)
     result = fit(objective, sample, stage, settings=settings, **fit_kwargs)
     unet.requires_grad_(False)

@@ -179,6 +179,15 @@ def test_stage_two_trains_the_masked_blocks_and_its_result_loads_and_applies_exa
     np.testing.assert_allclose(again, tuned, atol=1e-5)
 
 
+@pytest.mark.parametrize("family", ["lora", "ia3"])
+def test_adapters_on_a_half_precision_unet_train_in_float32(family):
+    unet = pipe().unet.to(torch.float16)
+    add_adapter(unet, [1] * len(attention_blocks(unet)), family)
+    trained = [p for p in unet.parameters() if p.requires_grad]
+    assert trained and all(p.dtype == torch.float32 for p in trained)  # what fp16 mixed precision's scaler needs
+    assert all(p.dtype == torch.float16 for p in unet.parameters() if not p.requires_grad)
+
+
 def test_stage_two_takes_the_knee_of_a_search_and_refuses_a_mask_and_a_front_together(tmp_path, folders):
     path = search_memcontrol(pipe(), settings(folders, sampler="random"), run(tmp_path), embed=mean_colour)
     config = MemControlFinetuneConfig(train_data_dir=str(folders[0]), pareto=str(path))

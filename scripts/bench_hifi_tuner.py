@@ -65,6 +65,7 @@ from genreg.tinyworld.subjects import (
 from genreg.training import TrainConfig
 
 RESULTS = Path(__file__).resolve().parents[1] / "bench" / "results"
+COSTS = "costs.json"  # a finished training run's costs and flags, written last
 METRICS = ("identity", "shape", "color", "pattern", "outline", "embedding_similarity", "alignment")
 SAMPLING = {"num_inference_steps": 25, "guidance_scale": 5.0}
 # Trained runs -> HiFiTunerConfig settings ("ti" is textual inversion); the step-wise row reads the "+ reg" run.
@@ -145,7 +146,9 @@ def train_one(args) -> None:
         config = HiFiTunerConfig(**common, subject_word=subject.shape, **(settings | run))
         train_hifi_tuner(pipe, config, train, on_step=watch)
     total = time.perf_counter() - start
-    print(json.dumps({"seconds": shared[0], "total_seconds": total, "peak_mib": max(seen) - before}))
+    costs = {"seconds": shared[0], "total_seconds": total, "peak_mib": max(seen) - before}
+    (Path(args.out) / COSTS).write_text(json.dumps(costs | {"command": sys.argv[1:]}))
+    print(json.dumps(costs))
 
 
 def kit_references(kit: Path, word: str) -> list[Reference]:
@@ -206,14 +209,21 @@ def images_of(args, row: str, subject, cases, out: Path, seed: int, evaluator):
 
 
 def trained(args, run: str, subject, seed: int, **changes) -> tuple[Path, dict]:
-    """Trains ``run`` in a process of its own (so its peak memory is its own); returns its folder and costs."""
+    """Trains ``run`` in a process of its own (so its peak memory is its own); returns its folder and costs. A run
+    that the work folder already holds with the same settings is reused (costs as first measured), so a benchmark
+    re-runs in the same folder; one trained with other settings is refused."""
     settings = vars(args) | changes
     out = Path(args.work_dir) / run / subject.name / f"seed{seed}{changes.get('suffix', '')}"
-    command = [sys.executable, __file__, "--train", run, "--out", str(out), "--subjects", subject.name]
+    command = ["--train", run, "--out", str(out), "--subjects", subject.name]
     command += ["--seeds", str(seed), "--work_dir", args.work_dir, "--model", args.model]
     for flag in ("steps", "batch_size", "learning_rate", "reg_weight", "stepwise_steps", "db_lora_rank"):
         command += [f"--{flag}", str(settings[flag])]
-    done = subprocess.run(command, check=True, capture_output=True, text=True)
+    if (out / COSTS).exists():
+        costs = json.loads((out / COSTS).read_text())
+        if costs.pop("command") != command:
+            raise SystemExit(f"{out} was trained with other settings; pass another --work_dir or delete it")
+        return out, costs
+    done = subprocess.run([sys.executable, __file__, *command], check=True, capture_output=True, text=True)
     return out, json.loads(done.stdout.strip().splitlines()[-1])
 
 

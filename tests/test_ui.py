@@ -583,6 +583,18 @@ def test_edit_shows_before_and_after(client, tmp_path):
     assert "Guide-and-Rescale" in report and "guided on the first 5" in report
 
 
+def test_a_random_scene_to_edit_names_every_detail_and_changes_one_colour():
+    from genreg.tinyworld.world import parse_prompt
+    from ui.edit_tab import random_scene
+
+    for seed in range(6):
+        scene, source, target = random_scene(seed)
+        named, wanted = parse_prompt(source), parse_prompt(target)
+        assert all("pattern" in o and "outline" in o for o in named.objects + wanted.objects), source
+        changed = [(a, b) for a, b in zip(named.objects, wanted.objects, strict=True) if a != b]
+        assert len(changed) == 1 and {k for k in changed[0][0] if changed[0][0][k] != changed[0][1][k]} == {"color"}
+
+
 def test_stop_interrupts_an_edit(client, tmp_path):
     from genreg.tinyworld import Obj, Scene, render
 

@@ -20,6 +20,7 @@ from .io import atomic_write
 from .models import load_pipeline, require_multi_step
 
 VIDEO_EXTENSIONS = (".gif", ".mp4")
+DOMAIN_ADAPTER = "pytorch_lora_weights.safetensors"  # AnimateDiff's domain adapter, when an adapter comes with one
 
 
 def motion_adapter_path(name_or_path: str | os.PathLike = "tinyworld") -> Path:
@@ -40,8 +41,9 @@ def motion_adapter_path(name_or_path: str | os.PathLike = "tinyworld") -> Path:
 
 def with_motion(base: DiffusionPipeline, motion_adapter: str | os.PathLike = "tinyworld") -> AnimateDiffPipeline:
     """A stock ``AnimateDiffPipeline`` view of the image pipeline ``base`` (``from_pipe``: text encoder, VAE and
-    scheduler shared) with the motion adapter ``motion_adapter``. An adapter is made for one UNet layout (its widths);
-    a mismatch is refused with both named."""
+    scheduler shared) with the motion adapter ``motion_adapter``, and its domain adapter (diffusers LoRA weights beside
+    it, loaded as adapter "domain") when it has one. An adapter is made for one UNet layout
+    (its widths); a mismatch is refused with both named."""
     require_multi_step(base, type(base).__name__, "text-to-video")
     adapter = MotionAdapter.from_pretrained(motion_adapter_path(motion_adapter), torch_dtype=base.dtype)
     widths = tuple(base.unet.config.block_out_channels)
@@ -51,7 +53,25 @@ def with_motion(base: DiffusionPipeline, motion_adapter: str | os.PathLike = "ti
             f"{tuple(adapter.config.block_out_channels)}, but this model's are {widths}: use an adapter trained for "
             "it (SD 1.x adapters for SD 1.x models; the bundled one for 'tinyworld')"
         )
-    return AnimateDiffPipeline.from_pipe(base, motion_adapter=adapter, dtype=base.dtype).to(base.device)
+    pipe = AnimateDiffPipeline.from_pipe(base, motion_adapter=adapter, dtype=base.dtype).to(base.device)
+    domain = motion_adapter_path(motion_adapter) / DOMAIN_ADAPTER
+    if domain.is_file():  # trained with these motion modules; UNet weights only (pipe.load_lora_weights would warn)
+        pipe.unet.load_lora_adapter(str(domain), prefix="unet", adapter_name="domain")
+    return pipe
+
+
+def add_domain_adapter(unet, rank: int) -> int:
+    """AnimateDiff's domain adapter (Guo et al. 2024, v3): LoRA of ``rank`` on the image layers' self- and
+    cross-attention projections, trained beside the motion modules so that the image layers learn the video frames'
+    domain (here: objects between the still images' slots and sizes) and the motion modules learn motion alone. The
+    image weights stay frozen; returns the trainable count (motion modules and LoRA)."""
+    from .adapters import add_adapter, attention_blocks
+
+    add_adapter(unet, [1] * len(attention_blocks(unet)), "lora", rank)
+    for name, p in unet.named_parameters():
+        if "motion_modules" in name:
+            p.requires_grad_(True)
+    return sum(p.numel() for p in unet.parameters() if p.requires_grad)
 
 
 def load_video_pipeline(

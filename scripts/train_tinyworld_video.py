@@ -11,7 +11,9 @@ Stages:
      words (``VOCABULARY_ADDITIONS``' last group), which the image model never saw: the motion modules themselves see
      no text, so the words reach them only through the frozen cross-attention. Every other text-encoder row, and so
      every image prompt's result, stays as it was. EMA weights; every --eval_every steps they sample --eval_clips
-     prompts and the per-frame evaluator scores them; the best is kept.
+     prompts and the per-frame evaluator scores them; the best (motion followed + identity kept, adherence breaking
+     ties) is kept. ``--domain_lora_rank R`` also trains AnimateDiff's domain adapter (LoRA on the image layers'
+     attention; the image weights stay frozen), written beside the adapter as diffusers LoRA weights.
   3. the best EMA adapter is written with ``save_pretrained`` to --output_dir, and the bundled model's tokenizer and
      text encoder, extended by the motion words, to --model_output_dir. Stock diffusers then loads it:
      ``AnimateDiffPipeline.from_pretrained(model, motion_adapter=MotionAdapter.from_pretrained(adapter))``.
@@ -37,6 +39,7 @@ from genreg.tinyworld.architecture import build_motion_adapter, build_tokenizer
 from genreg.tinyworld.video import MOTIONS, NUM_FRAMES, clip_caption, clip_prompt, render_clip, sample_clip
 from genreg.tinyworld.world import VOCABULARY_ADDITIONS
 from genreg.training.checkpoints import load_latest_intact, save_checkpoint
+from genreg.video import DOMAIN_ADAPTER, add_domain_adapter
 
 
 def log(msg: str) -> None:
@@ -102,6 +105,12 @@ def main() -> None:
         default=None,
         help="start from this motion adapter (e.g. the bundled one, to train it further) instead of a fresh one",
     )
+    p.add_argument(
+        "--domain_lora_rank",
+        type=int,
+        default=0,
+        help="also train AnimateDiff's domain adapter, LoRA of this rank on the image layers' attention (0: none)",
+    )
     p.add_argument("--clips", type=int, default=2400)
     p.add_argument("--max_train_steps", type=int, default=2000)
     p.add_argument("--train_batch_size", type=int, default=4, help="clips per step (each of 16 frames)")
@@ -113,6 +122,8 @@ def main() -> None:
     p.add_argument("--eval_clips", type=int, default=12)
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
+    if args.init_adapter and not args.domain_lora_rank and (Path(args.init_adapter) / DOMAIN_ADAPTER).is_file():
+        raise SystemExit(f"{args.init_adapter} has a domain adapter: pass its --domain_lora_rank to train on with it")
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     work = Path(args.work_dir)
@@ -133,6 +144,13 @@ def main() -> None:
                     module.weight.zero_(), module.bias.zero_()
     unet = UNetMotionModel.from_unet2d(base.unet, adapter)
     unet.freeze_unet2d_params()
+    if args.domain_lora_rank:
+        add_domain_adapter(unet, args.domain_lora_rank)
+        domain = Path(args.init_adapter or "") / DOMAIN_ADAPTER
+        if args.init_adapter and domain.is_file():  # go on with the adapter's own domain adapter (same rank)
+            from peft.utils import set_peft_model_state_dict
+
+            set_peft_model_state_dict(unet, {k.removeprefix("unet."): v for k, v in load_file(str(domain)).items()})
     text_encoder.requires_grad_(False)
     embeddings = text_encoder.get_input_embeddings().weight
     embeddings.requires_grad_(True)
@@ -151,6 +169,8 @@ def main() -> None:
     ema = {k: v.detach().clone() for k, v in trainable.items()}
     step, best = 0, {"score": -1.0}
     setup = {"clips": args.clips, "seed": args.seed, "batch": args.train_batch_size}
+    if args.domain_lora_rank:
+        setup["domain_lora_rank"] = args.domain_lora_rank
     found = load_latest_intact(work)
     if found is not None:
         path, (step, tensors, optimizers, state) = found
@@ -260,8 +280,10 @@ def main() -> None:
         if step % args.eval_every == 0 or step == args.max_train_steps:
             scores = evaluate()
             log(f"eval step {step}: {json.dumps({k: round(v, 3) for k, v in scores.items()})}")
-            if scores["motion_followed"] > best["score"]:
-                best = {"score": scores["motion_followed"], "step": step, "scores": scores}
+            # both of the model's targets, motion followed and identity kept; adherence breaks ties (< one clip)
+            score = scores["motion_followed"] + scores["identity"] + scores["adherence"] / 100
+            if score > best["score"]:
+                best = {"score": score, "step": step, "scores": scores}
                 atomic_write(
                     work / "best_ema.safetensors",
                     lambda tmp: save_file({k: v.contiguous() for k, v in ema.items()}, str(tmp)),
@@ -280,13 +302,19 @@ def main() -> None:
         for k, v in trainable.items():
             v.copy_(best_ema[k])
     unet.to("cpu").save_motion_modules(args.output_dir)
+    if args.domain_lora_rank:  # beside the adapter, as diffusers LoRA weights: pipe.load_lora_weights(output_dir)
+        from peft.utils import get_peft_model_state_dict
+
+        layers = get_peft_model_state_dict(unet)
+        AnimateDiffPipeline.save_lora_weights(args.output_dir, unet_lora_layers=layers, safe_serialization=True)
     model_dir = Path(args.model_output_dir or args.pretrained_model_name_or_path)
     text_encoder.to("cpu").save_pretrained(model_dir / "text_encoder")
     tokenizer.save_pretrained(model_dir / "tokenizer")
     # Paths as given, or relative to this folder when under it: the record says how, not where it was made.
     record = {k: _relative(v) if k.endswith(("_dir", "_path")) else v for k, v in vars(args).items()}
     (Path(args.output_dir) / "training.json").write_text(json.dumps({"args": record, "best": best}, indent=1))
-    log(f"best EMA adapter: step {best['step']} motion followed {best['score']:.3f}; written to {args.output_dir}")
+    chosen = {k: round(best["scores"][k], 3) for k in ("motion_followed", "identity", "adherence")}
+    log(f"best EMA adapter: step {best['step']} {chosen}; written to {args.output_dir}")
 
 
 if __name__ == "__main__":

@@ -209,6 +209,39 @@ def test_with_motion_gives_stock_animatediff_and_refuses_a_mismatched_adapter(ti
         with_motion(base, tmp_path / "nothing")
 
 
+def test_a_domain_adapter_trains_beside_the_motion_modules_and_loads_with_its_adapter(tiny_video, tmp_path):
+    import shutil
+
+    from diffusers import AnimateDiffPipeline, MotionAdapter, UNetMotionModel
+    from peft.utils import get_peft_model_state_dict
+
+    from genreg.video import add_domain_adapter, with_motion
+
+    base, folder = tiny_video
+    unet = UNetMotionModel.from_unet2d(base.unet, MotionAdapter.from_pretrained(folder))
+    add_domain_adapter(unet, 2)
+    trained = {n for n, p in unet.named_parameters() if p.requires_grad}
+    assert trained == {n for n, _ in unet.named_parameters() if "motion_modules" in n or "lora_" in n}
+    assert all("motion_modules" not in n for n in trained if "lora_" in n)  # LoRA on the image layers only
+    with torch.no_grad():  # a trained domain adapter (LoRA B starts at zero)
+        for n, p in unet.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.5)
+    shutil.copytree(folder, tmp_path / "adapter")
+    layers = get_peft_model_state_dict(unet)
+    AnimateDiffPipeline.save_lora_weights(tmp_path / "adapter", unet_lora_layers=layers, safe_serialization=True)
+
+    before = {k: v.clone() for k, v in base.unet.state_dict().items()}
+    kwargs = {"num_frames": 4, "num_inference_steps": 2, "output_type": "np", "height": 32, "width": 32}
+    prompt = "a red circle moving to the right"
+    plain = with_motion(base, folder)(prompt, generator=torch.Generator().manual_seed(0), **kwargs).frames
+    pipe = with_motion(base, tmp_path / "adapter")
+    assert pipe.get_active_adapters() == ["domain"]
+    domain = pipe(prompt, generator=torch.Generator().manual_seed(0), **kwargs).frames
+    assert np.abs(domain - plain).max() > 1e-3
+    assert all(torch.equal(v, base.unet.state_dict()[k]) for k, v in before.items())  # the image model untouched
+
+
 def test_long_videos_use_freenoise_only_for_that_call(tiny_video):
     from genreg.video import clip_length, generate_video, with_motion
 
@@ -252,6 +285,8 @@ def test_bundled_video_model_loads_with_stock_diffusers_and_knows_the_motion_wor
 
     adapter = MotionAdapter.from_pretrained(motion_adapter_path())
     pipe = AnimateDiffPipeline.from_pretrained(model_path(), motion_adapter=adapter)
+    pipe.load_lora_weights(motion_adapter_path(), adapter_name="domain")  # its domain adapter, the stock way
+    assert pipe.get_active_adapters() == ["domain"]
     pipe.set_progress_bar_config(disable=True)
     tokenizer = CLIPTokenizer.from_pretrained(model_path() / "tokenizer")
     assert len(tokenizer("moving to the right growing turning up down", add_special_tokens=False).input_ids) == 8
@@ -325,6 +360,17 @@ def test_generate_video_command_makes_a_multi_prompt_video_with_cono(tmp_path):
         timeout=300,
     )
     assert short.returncode == 2 and "2 prompts need at least 36 frames" in short.stderr
+
+
+def test_video_training_refuses_to_drop_an_adapters_domain_adapter(tmp_path):
+    (tmp_path / "adapter").mkdir()
+    (tmp_path / "adapter" / "pytorch_lora_weights.safetensors").write_bytes(b"")
+    args = ["--work_dir", str(tmp_path / "work"), "--init_adapter", str(tmp_path / "adapter")]
+    done = subprocess.run(
+        [sys.executable, "scripts/train_tinyworld_video.py", *args], capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 1 and "pass its --domain_lora_rank" in done.stderr
+    assert not (tmp_path / "work").exists()  # refused before anything was written
 
 
 @pytest.mark.slow

@@ -374,13 +374,15 @@ def test_video_training_refuses_to_drop_an_adapters_domain_adapter(tmp_path):
 
 
 @pytest.mark.slow
-def test_video_training_resumes_exactly(tmp_path):
+@pytest.mark.parametrize("domain", [[], ["--domain_lora_rank", "2"]], ids=["motion", "with-domain-adapter"])
+def test_video_training_resumes_exactly(tmp_path, domain):
     """Two steps straight, and one step then a resumed one, leave the same weights, EMA and optimizer state."""
     from safetensors.torch import load_file
 
     def train(work, steps):
         args = ["--work_dir", str(work), "--clips", "4", "--max_train_steps", str(steps), "--checkpointing_steps", "1"]
         args += ["--eval_clips", "1", "--output_dir", str(work / "adapter"), "--model_output_dir", str(work / "model")]
+        args += domain
         done = subprocess.run(
             [sys.executable, "scripts/train_tinyworld_video.py", *args], capture_output=True, text=True, timeout=900
         )
@@ -393,3 +395,5 @@ def test_video_training_resumes_exactly(tmp_path):
         a = load_file(str(tmp_path / "straight" / "checkpoint-2" / name))
         b = load_file(str(tmp_path / "resumed" / "checkpoint-2" / name))
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+    trained = load_file(str(tmp_path / "straight" / "checkpoint-2" / "trainable.safetensors"))
+    assert any("lora_" in k for k in trained) == bool(domain)  # the domain adapter is in the checkpoint

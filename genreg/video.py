@@ -45,7 +45,8 @@ def with_motion(base: DiffusionPipeline, motion_adapter: str | os.PathLike = "ti
     it, loaded as adapter "domain") when it has one. An adapter is made for one UNet layout
     (its widths); a mismatch is refused with both named."""
     require_multi_step(base, type(base).__name__, "text-to-video")
-    adapter = MotionAdapter.from_pretrained(motion_adapter_path(motion_adapter), torch_dtype=base.dtype)
+    folder = motion_adapter_path(motion_adapter)
+    adapter = MotionAdapter.from_pretrained(folder, torch_dtype=base.dtype)
     widths = tuple(base.unet.config.block_out_channels)
     if tuple(adapter.config.block_out_channels) != widths:
         raise ValueError(
@@ -54,7 +55,7 @@ def with_motion(base: DiffusionPipeline, motion_adapter: str | os.PathLike = "ti
             "it (SD 1.x adapters for SD 1.x models; the bundled one for 'tinyworld')"
         )
     pipe = AnimateDiffPipeline.from_pipe(base, motion_adapter=adapter, dtype=base.dtype).to(base.device)
-    domain = motion_adapter_path(motion_adapter) / DOMAIN_ADAPTER
+    domain = folder / DOMAIN_ADAPTER
     if domain.is_file():  # trained with these motion modules; UNet weights only (pipe.load_lora_weights would warn)
         pipe.unet.load_lora_adapter(str(domain), prefix="unet", adapter_name="domain")
     return pipe

@@ -1,5 +1,6 @@
 """Why the video model's clips lose identity: per frame index, how often a frame holds another number of objects
-than the prompt names, and per attribute, how often a track keeps it in fewer than 90% of the frames.
+than the prompt names; per attribute, how often a track keeps it in fewer than 90% of the frames; and per frame index,
+how often a one-object clip shows its named shape.
 
     python scripts/probe_video_identity.py --clips 24
 
@@ -28,14 +29,15 @@ GROUPS = {"translations": ("right", "left", "down", "up"), "growing": ("growing"
 
 def probe(evaluator: VideoEvaluator, videos, prompts) -> dict:
     """Per frame index the share of clips whose frame has another object count than named; per attribute the share
-    of clips (with a steady count) where some object keeps it in fewer than IDENTITY_SHARE of the frames."""
+    of clips (with a steady count) where some object keeps it in fewer than IDENTITY_SHARE of the frames; and
+    ``shape_by_frame``. Each clip's frames are read once."""
+    read = [evaluator.objects(video) for video in videos]
     wrong = np.zeros(NUM_FRAMES)
     lost = dict.fromkeys(ATTRIBUTES, 0)
     steady = 0
-    for video, prompt in zip(videos, prompts, strict=True):
+    for objs, prompt in zip(read, prompts, strict=True):
         motion, _, rest = parse_motion(prompt)
         named = len(parse_prompt(rest).objects)
-        objs = evaluator.objects(video)
         wrong += [len(o) != named for o in objs]
         if any(len(o) != named for o in objs):
             continue
@@ -54,17 +56,17 @@ def probe(evaluator: VideoEvaluator, videos, prompts) -> dict:
         "wrong_count_by_frame": (wrong / n).round(3).tolist(),
         "steady_count": steady / n,
         "attribute_lost": {k: v / n for k, v in lost.items()},
-        "shape_by_frame": shape_by_frame(evaluator, videos, prompts),
+        "shape_by_frame": shape_by_frame(read, prompts),
     }
 
 
-def shape_by_frame(evaluator: VideoEvaluator, videos, prompts) -> dict[str, list[float]]:
-    """Per motion group and frame index, the share of one-object clips whose frame shows one object of the named
-    shape: still images only ever put an object at five slots in two sizes, so a dip between a clip's ends is the
-    frozen image layers drawing where they never drew."""
+def shape_by_frame(read: list, prompts) -> dict[str, list[float]]:
+    """Per motion group and frame index, the share of one-object clips whose frame (as ``VideoEvaluator.objects``
+    read it) shows one object of the named shape: still images only ever put an object at five slots in two sizes,
+    so a dip between a clip's ends is the frozen image layers drawing where they never drew."""
     hits = {g: np.zeros(NUM_FRAMES) for g in GROUPS}
     counts = dict.fromkeys(GROUPS, 0)
-    for video, prompt in zip(videos, prompts, strict=True):
+    for objs, prompt in zip(read, prompts, strict=True):
         motion, _, rest = parse_motion(prompt)
         objects = parse_prompt(rest).objects
         if len(objects) != 1:
@@ -72,7 +74,7 @@ def shape_by_frame(evaluator: VideoEvaluator, videos, prompts) -> dict[str, list
         group = next(g for g, motions in GROUPS.items() if motion in motions)
         counts[group] += 1
         shape = objects[0]["shape"]
-        hits[group] += [len(o) == 1 and o[0].reading.get("shape") == shape for o in evaluator.objects(video)]
+        hits[group] += [len(o) == 1 and o[0].reading.get("shape") == shape for o in objs]
     return {g: (hits[g] / counts[g]).round(3).tolist() for g in GROUPS if counts[g]}
 
 

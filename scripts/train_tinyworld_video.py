@@ -122,7 +122,8 @@ def main() -> None:
     p.add_argument("--eval_clips", type=int, default=12)
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
-    if args.init_adapter and not args.domain_lora_rank and (Path(args.init_adapter) / DOMAIN_ADAPTER).is_file():
+    init_domain = args.init_adapter and Path(args.init_adapter) / DOMAIN_ADAPTER
+    if init_domain and init_domain.is_file() and not args.domain_lora_rank:
         raise SystemExit(f"{args.init_adapter} has a domain adapter: pass its --domain_lora_rank to train on with it")
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -146,11 +147,11 @@ def main() -> None:
     unet.freeze_unet2d_params()
     if args.domain_lora_rank:
         add_domain_adapter(unet, args.domain_lora_rank)
-        domain = Path(args.init_adapter or "") / DOMAIN_ADAPTER
-        if args.init_adapter and domain.is_file():  # go on with the adapter's own domain adapter (same rank)
+        if init_domain and init_domain.is_file():  # go on with the adapter's own domain adapter (same rank)
             from peft.utils import set_peft_model_state_dict
 
-            set_peft_model_state_dict(unet, {k.removeprefix("unet."): v for k, v in load_file(str(domain)).items()})
+            lora = load_file(str(init_domain))
+            set_peft_model_state_dict(unet, {k.removeprefix("unet."): v for k, v in lora.items()})
     text_encoder.requires_grad_(False)
     embeddings = text_encoder.get_input_embeddings().weight
     embeddings.requires_grad_(True)

@@ -2,10 +2,11 @@
 search space, CoRe's stage 2 and HiFi Tuner's DreamBooth variant with LoRA): which blocks, the adapter, the saved
 result and applying it for a while; and ``fine_tune_unet``, a copy of the UNet fine-tuned whole or with LoRA.
 
-A binary mask over the UNet's transformer blocks selects where an adapter goes: LoRA on the attention projections,
-or IA3-style scales on them and on the feed-forward output (close to DiffFit's gamma placement); every other weight
-stays frozen. Results load with the standard tools: LoRA as diffusers LoRA weights (``pipe.load_lora_weights(out)``),
-IA3 merged into a plain diffusers ``unet/`` folder (``UNet2DConditionModel.from_pretrained(out, subfolder="unet")``).
+A binary mask over the UNet's transformer blocks selects where an adapter goes: LoRA on the attention projections
+(and, with ``modules="attention+ff"``, the feed-forward layers), or IA3-style scales on the projections and the
+feed-forward output (close to DiffFit's gamma placement); every other weight stays frozen. Results load with the
+standard tools: LoRA as diffusers LoRA weights (``pipe.load_lora_weights(out)``), IA3 merged
+into a plain diffusers ``unet/`` folder (``UNet2DConditionModel.from_pretrained(out, subfolder="unet")``).
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ FAMILIES = ("lora", "ia3")
 LORA_FILE = "pytorch_lora_weights.safetensors"
 ADAPTER = "genreg"
 PROJECTIONS = r"(attn1|attn2)\.(to_q|to_k|to_v|to_out\.0)"
+FEED_FORWARD = r"ff\.net\.(0\.proj|2)"
+LORA_MODULES = {"attention": PROJECTIONS, "attention+ff": f"({PROJECTIONS}|{FEED_FORWARD})"}
 
 
 def attention_blocks(unet: nn.Module) -> list[str]:
@@ -51,19 +54,25 @@ def target_pattern(blocks: list[str], suffix: str = PROJECTIONS) -> str:
     return rf"^({'|'.join(re.escape(b) for b in blocks)})\.transformer_blocks\.\d+\.{suffix}$"
 
 
-def add_adapter(unet: nn.Module, mask, family: str = "lora", rank: int = 4) -> int:
-    """Adds the family's adapter to the blocks ``mask`` selects (the rest frozen, the adapter in float32 whatever the
-    UNet's dtype, as fp16 mixed precision needs); returns the trainable count."""
+def add_adapter(unet: nn.Module, mask, family: str = "lora", rank: int = 4, modules: str = "attention") -> int:
+    """Adds the family's adapter to the blocks ``mask`` selects (LoRA on ``modules``, a key of LORA_MODULES; the rest
+    frozen, the adapter in float32 whatever the UNet's dtype, as fp16 mixed precision needs); returns the trainable
+    count."""
     from diffusers.training_utils import cast_training_params
     from peft import IA3Config, LoraConfig
 
     chosen = selected(attention_blocks(unet), mask)
+    if modules not in LORA_MODULES:
+        raise ValueError(f"unknown LoRA modules {modules!r}; choose one of {', '.join(LORA_MODULES)}")
     if family == "lora":
         config = LoraConfig(
-            r=rank, lora_alpha=rank, init_lora_weights="gaussian", target_modules=target_pattern(chosen)
+            r=rank,
+            lora_alpha=rank,
+            init_lora_weights="gaussian",
+            target_modules=target_pattern(chosen, LORA_MODULES[modules]),
         )
     elif family == "ia3":
-        ff = r"ff\.net\.2"
+        ff = r"ff\.net\.2"  # IA3 scales the feed-forward output only
         config = IA3Config(
             target_modules=target_pattern(chosen, f"({PROJECTIONS}|{ff})"),
             feedforward_modules=target_pattern(chosen, ff),

@@ -1,5 +1,6 @@
-"""Benchmarks MemControl on a tiny-world memorization kit: full fine-tuning, LoRA on every transformer block and the
-mask MemControl's search picks, at equal steps, batch and data.
+"""Benchmarks MemControl on a tiny-world memorization kit: full fine-tuning, LoRA on every transformer block (on the
+attention projections, and on them and the feed-forward layers) and the mask MemControl's search picks, at equal
+steps, batch and data.
 
     python scripts/bench_memcontrol.py [--trials 12] [--steps 300]
     python scripts/bench_memcontrol.py --workers_demo     # two workers filling one study; one killed and restarted
@@ -16,7 +17,7 @@ and for held-out captions of the same kind (fresh renders): quality, the evaluat
 name, and the Frechet distance between evaluator embeddings of the generations and of the renders.
 The search row runs --trials trials (TPE) over the transformer-block mask and the learning rate, then fine-tunes the
 front's knee with stage 2 (``genreg train memcontrol-finetune --pareto ...``), loaded with diffusers'
-``load_lora_weights``. Writes bench/results/memcontrol.{json,md} and memcontrol_pareto.png.
+``load_lora_weights``. Writes bench/results/<name>.{json,md} and <name>_pareto.png (--name, memcontrol by default).
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ import torch
 from safetensors.torch import load_file
 
 from genreg import load_pipeline
+from genreg.adapters import LORA_MODULES
 from genreg.diffusion import FineTuneObjective
 from genreg.methods.memcontrol import (
     MemControlConfig,
@@ -43,6 +45,7 @@ from genreg.methods.memcontrol import (
     finetune_memcontrol,
     search_memcontrol,
 )
+from genreg.methods.memcontrol.search import LORA_DEFAULT
 from genreg.metrics import frechet_distance, nearest_training, teacher_forced_noise_norm
 from genreg.tinyworld import Evaluator
 from genreg.tinyworld.concepts import read_kit_scenes, write_memorization_kit
@@ -137,10 +140,13 @@ def full_finetune(args, kit: Path, out: Path):
     return pipe, sum(p.numel() for p in pipe.unet.parameters())
 
 
-def stage2(args, kit: Path, out: Path, **choice) -> tuple:
-    """Stage 2 with a mask (given or from a Pareto front), loaded into a fresh pipeline with diffusers' loader."""
+def stage2(args, kit: Path, out: Path, modules: str, **choice) -> tuple:
+    """Stage 2 with a mask (given or from a Pareto front) and LoRA on ``modules``, loaded into a fresh pipeline with
+    diffusers' loader."""
     pipe = fresh(args.model)
-    config = MemControlFinetuneConfig(train_data_dir=str(kit), family="lora", lora_rank=args.lora_rank, **choice)
+    config = MemControlFinetuneConfig(
+        train_data_dir=str(kit), family="lora", lora_rank=args.lora_rank, lora_modules=modules, **choice
+    )
     lr = None if "pareto" in choice else args.lora_lr
     result = finetune_memcontrol(pipe, config, train_config(args, out, lr))
     loaded = fresh(args.model)
@@ -176,9 +182,10 @@ def run_benchmark(args) -> None:
     t = time.time()
     pipe, trainable = full_finetune(args, kit, work / "full")
     record("full fine-tuning", pipe, trainable, t, learning_rate=args.full_lr)
-    t = time.time()
-    pipe, trainable, _ = stage2(args, kit, work / "lora_all", mask=",".join("1" * len(blocks)))
-    record("LoRA, every block", pipe, trainable, t, learning_rate=args.lora_lr)
+    for modules in LORA_MODULES:
+        t = time.time()
+        pipe, trainable, _ = stage2(args, kit, work / f"lora_{modules}", modules, mask=",".join("1" * len(blocks)))
+        record(f"LoRA, every block ({modules})", pipe, trainable, t, learning_rate=args.lora_lr)
 
     t = time.time()
     search_dir = work / "search"
@@ -192,17 +199,20 @@ def run_benchmark(args) -> None:
         quality=args.quality,
         family="lora",
         lora_rank=args.lora_rank,
+        lora_modules=args.lora_modules,
+        lr_min=args.lr_min,
+        lr_max=args.lr_max,
     )
     pareto = search_memcontrol(base, search, train_config(args, search_dir, 1e-4))
     search_seconds = time.time() - t
     t = time.time()
-    pipe, trainable, (mask, lr) = stage2(args, kit, work / "memcontrol", pareto=str(pareto))
+    pipe, trainable, (mask, lr) = stage2(args, kit, work / "memcontrol", args.lora_modules, pareto=str(pareto))
     extra = {"mask": mask, "search_seconds": search_seconds, "trials": args.trials}
     record("MemControl mask (knee)", pipe, trainable, t, learning_rate=lr, **extra)
     for row in results.values():
         row["trainable_fraction"] = row["trainable"] / total
     RESULTS.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(search_dir / "pareto.png", RESULTS / "memcontrol_pareto.png")
+    shutil.copyfile(search_dir / "pareto.png", RESULTS / f"{args.name}_pareto.png")
     front = json.loads(pareto.read_text())
     write_results(args, results, blocks, front)
 
@@ -210,7 +220,7 @@ def run_benchmark(args) -> None:
 def write_results(args, results: dict, blocks: list[str], front: dict) -> None:
     settings = {k: v for k, v in vars(args).items() if k != "workers_demo"}
     payload = {"settings": settings, "blocks": blocks, "rows": results, "search": front}
-    (RESULTS / "memcontrol.json").write_text(json.dumps(payload, indent=2))
+    (RESULTS / f"{args.name}.json").write_text(json.dumps(payload, indent=2))
     full = results["full fine-tuning"]
     lines = [
         "# MemControl: memorization against quality on a repetitive fine-tuning set",
@@ -237,15 +247,16 @@ def write_results(args, results: dict, blocks: list[str], front: dict) -> None:
     cut = 1 - chosen["extraction_rate"] / full["extraction_rate"] if full["extraction_rate"] else float("nan")
     lines += [
         "",
-        f"Search: {chosen['trials']} trials ({args.quality} as the quality objective) in "
+        f"Search: {chosen['trials']} trials ({args.quality} as the quality objective, learning rates "
+        f"{args.lr_min:g} to {args.lr_max:g}) in "
         f"{chosen['search_seconds'] / 60:.1f} min over {len(blocks)} blocks "
         f"({', '.join(blocks)}); the knee's mask {chosen['mask']}. Against full fine-tuning the chosen mask cuts the "
         f"extraction rate by {100 * cut:.0f}% (target >= 50%) with quality "
         f"{100 * (chosen['quality_all_correct'] - full['quality_all_correct']):+.1f} points (target >= -3).",
         "",
-        "![Pareto front](memcontrol_pareto.png)",
+        f"![Pareto front]({args.name}_pareto.png)",
     ]
-    (RESULTS / "memcontrol.md").write_text("\n".join(lines) + "\n")
+    (RESULTS / f"{args.name}.md").write_text("\n".join(lines) + "\n")
 
 
 def workers_demo(args) -> None:
@@ -326,7 +337,11 @@ def main() -> None:
     p.add_argument("--full_lr", type=float, default=1e-4)
     p.add_argument("--lora_lr", type=float, default=1e-3)
     p.add_argument("--lora_rank", type=int, default=4)
+    p.add_argument("--lora_modules", default=LORA_DEFAULT, choices=tuple(LORA_MODULES), help="the search's layers")
     p.add_argument("--trials", type=int, default=12)
+    p.add_argument("--lr_min", type=float, default=1e-5, help="the search's learning-rate range (the paper's)")
+    p.add_argument("--lr_max", type=float, default=1e-3)
+    p.add_argument("--name", default="memcontrol", help="results file stem: bench/results/<name>.{json,md}")
     p.add_argument(
         "--quality",
         default="accuracy",
@@ -334,7 +349,7 @@ def main() -> None:
         help="the search's quality objective (frechet: the paper's FID over evaluator embeddings)",
     )
     p.add_argument("--seeds", type=int, default=8, help="generations per training caption")
-    p.add_argument("--val_seeds", type=int, default=4, help="generations per held-out caption")
+    p.add_argument("--val_seeds", type=int, default=8, help="generations per held-out caption")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--work_dir", default="runs/bench_memcontrol")
     p.add_argument("--workers_demo", action="store_true")

@@ -82,6 +82,18 @@ def test_the_mask_selects_blocks_and_only_their_projections_train():
     assert any("ff.net.2" in n for n, p in ia3.named_parameters() if p.requires_grad)
 
 
+def test_lora_on_the_feed_forward_layers_adds_them_to_the_projections():
+    blocks = attention_blocks(pipe().unet)
+    both, projections = pipe().unet, pipe().unet
+    wider = add_adapter(both, [1] * len(blocks), modules="attention+ff")
+    assert wider > add_adapter(projections, [1] * len(blocks), modules="attention")
+    trained = {n.split(".lora_")[0] for n, p in both.named_parameters() if p.requires_grad}
+    assert {n.rsplit(".", 1)[-1] for n in trained} == {"to_q", "to_k", "to_v", "0", "proj", "2"}
+    assert any(n.endswith("ff.net.0.proj") for n in trained) and any(n.endswith("ff.net.2") for n in trained)
+    with pytest.raises(ValueError, match="unknown LoRA modules 'all'; choose one of attention, attention"):
+        add_adapter(pipe().unet, [1] * len(blocks), modules="all")
+
+
 @pytest.mark.parametrize(
     "mask, message", [("empty", "selects no block"), ("short", "the mask has 1 bits"), ("two", "0s and 1s")]
 )
@@ -128,6 +140,8 @@ def test_a_storage_that_cannot_be_opened_or_a_study_of_other_objectives_is_refus
     search.open_study(settings(folders, storage=url), tmp_path, seed=0)
     with pytest.raises(ValueError, match="holds trials of"):
         search.open_study(settings(folders, storage=url, family="ia3"), tmp_path, seed=0)
+    with pytest.raises(ValueError, match="holds trials of"):
+        search.open_study(settings(folders, storage=url, lora_modules="attention"), tmp_path, seed=0)
     search.open_study(settings(folders, storage=url), tmp_path, seed=0)  # the same setup adds trials
 
 
@@ -152,6 +166,11 @@ def test_masks_parse_from_bits_and_the_knee_balances_both_objectives(tmp_path):
     assert choose(path)["trial"] == 1 and choose(path, trial=3)["mask"] == [1, 1]
     with pytest.raises(ValueError, match="no finished trial 7"):
         choose(path, trial=7)
+    searched = {"family": "lora", "lora_rank": 4, "lora_modules": "attention+ff"}
+    path.write_text(json.dumps({"blocks": ["a", "b"], "setup": searched | {"reduce": "max"}, "trials": rows}))
+    assert choose(path, adapter=searched)["trial"] == 1
+    with pytest.raises(ValueError, match="another adapter: pass --lora_rank 4 --lora_modules attention\\+ff to"):
+        choose(path, adapter={"family": "lora", "lora_rank": 8, "lora_modules": "attention"})
 
 
 @pytest.mark.parametrize("family", ["lora", "ia3"])

@@ -106,6 +106,7 @@ def knee_result(ws: Workspace, folder: Path, pareto: Path, knee: dict, config, s
         trial=knee["trial"],
         family=config.family,
         lora_rank=config.lora_rank,
+        lora_modules=config.lora_modules,
         resolution=config.resolution,
         center_crop=config.center_crop,
         flip_p=config.flip_p,

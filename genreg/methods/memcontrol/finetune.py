@@ -12,11 +12,11 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from ...adapters import FAMILIES, save_result
+from ...adapters import FAMILIES, LORA_MODULES, save_result
 from ...config import option
 from ...training import TrainConfig
 from ...training.data import ImageDataConfig
-from .search import QUALITIES, tune_copy
+from .search import LORA_DEFAULT, LORA_MODULES_HELP, QUALITIES, adapter_setup, tune_copy
 
 
 def parse_mask(text: str) -> list[int]:
@@ -40,12 +40,18 @@ def knee(rows: list[dict]) -> dict:
     return min(rows, key=lambda r: sum((r[k] - lows[k]) / spans[k] for k in keys))
 
 
-def choose(pareto: str | Path, trial: int | None = None) -> dict:
-    """A row of a search's ``pareto.json``: trial ``trial`` (any finished one), or the front's knee."""
+def choose(pareto: str | Path, trial: int | None = None, adapter: dict | None = None) -> dict:
+    """A row of a search's ``pareto.json``: trial ``trial`` (any finished one), or the front's knee. A front searched
+    with another adapter than ``adapter`` (``adapter_setup``'s keys) is refused."""
     path = Path(pareto)
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist: pass the pareto.json a MemControl search wrote")
-    rows = json.loads(path.read_text())["trials"]
+    front = json.loads(path.read_text())
+    other = {k: v for k, v in (front.get("setup") or {}).items() if adapter and k in adapter and adapter[k] != v}
+    if other:
+        flags = " ".join(f"--{k} {v}" for k, v in other.items())
+        raise ValueError(f"{path} was searched with another adapter: pass {flags} to fine-tune its masks")
+    rows = front["trials"]
     if trial is None:
         return knee([r for r in rows if r["pareto"]])
     found = [r for r in rows if r["trial"] == trial]
@@ -67,6 +73,7 @@ class MemControlFinetuneConfig(ImageDataConfig):
     mask: str = option("", "the mask itself, one bit per transformer block (e.g. 0,1,1,0); instead of --pareto")
     family: str = option("lora", "adapter on the selected blocks", choices=FAMILIES)
     lora_rank: int = option(4, "LoRA rank", place="advanced")
+    lora_modules: str = option(LORA_DEFAULT, LORA_MODULES_HELP, choices=tuple(LORA_MODULES), place="advanced")
     flip_p: float = option(0.0, "probability of a horizontal flip (0: captions may name left/right)", place="advanced")
 
     def __post_init__(self):
@@ -80,7 +87,7 @@ class MemControlFinetuneConfig(ImageDataConfig):
         """(mask, the searched learning rate or None)."""
         if self.mask:
             return parse_mask(self.mask), None
-        row = choose(self.pareto, self.trial)
+        row = choose(self.pareto, self.trial, adapter_setup(self))
         return row["mask"], row["learning_rate"]
 
 
@@ -93,6 +100,6 @@ def finetune_memcontrol(pipe, config: MemControlFinetuneConfig, train: TrainConf
     data = config.read(pipe)
     if any(item.caption is None for item in data.items):
         raise ValueError(f"every image in {config.train_data_dir} needs a caption (metadata.jsonl or a .txt file)")
-    settings = {"method": "memcontrol-finetune", "mask": mask, "family": config.family, "rank": config.lora_rank}
-    tuned, _, _ = tune_copy(pipe, data, mask, config.family, config.lora_rank, train, settings=settings, **fit_kwargs)
+    settings = {"method": "memcontrol-finetune", "mask": mask} | adapter_setup(config)
+    tuned, _, _ = tune_copy(pipe, data, mask, config, train, settings=settings, **fit_kwargs)
     return save_result(tuned, config.family, Path(train.output_dir))

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from PIL import Image, ImageDraw
 
-from ...adapters import FAMILIES, add_adapter, attention_blocks
+from ...adapters import FAMILIES, LORA_MODULES, add_adapter, attention_blocks
 from ...config import option
 from ...diffusion import FineTuneObjective
 from ...io import atomic_write_text
@@ -35,6 +35,11 @@ SAMPLERS = ("nsga2", "tpe", "random")
 QUALITIES = {"frechet": "frechet_distance", "accuracy": "error_rate"}  # quality objective -> its name
 OBJECTIVES = ("memorization", "frechet_distance")  # the paper's pair (the default)
 HEARTBEAT_SECONDS = 30
+# The official code's PEFT baselines adapt the feed-forward layers beside the attention projections, and its
+# "attention" family trains them too; on the tiny world, LoRA on the projections alone learnt a new colour 10-20
+# points below full fine-tuning at any learning rate, with them it matched it (bench/results/memcontrol.md).
+LORA_DEFAULT = "attention+ff"
+LORA_MODULES_HELP = "LoRA's layers per selected block: the attention projections, or those and the feed-forward ones"
 
 
 class TrialStopped(Exception):
@@ -53,6 +58,7 @@ class MemControlConfig(ImageDataConfig):
     sampler: str = option("tpe", "Optuna sampler", choices=SAMPLERS)
     family: str = option("lora", "adapter on the selected blocks", choices=FAMILIES)
     lora_rank: int = option(4, "LoRA rank", place="advanced")
+    lora_modules: str = option(LORA_DEFAULT, LORA_MODULES_HELP, choices=tuple(LORA_MODULES), place="advanced")
     lr_min: float = option(1e-5, "lowest learning rate searched (log-uniform)", place="advanced")
     lr_max: float = option(1e-3, "highest learning rate searched", place="advanced")
     reduce: str = option("max", "memorization over the training set: max or mean", choices=("max", "mean"))
@@ -120,14 +126,14 @@ def open_study(config: MemControlConfig, output_dir: str | Path, seed: int):
             f"({study.user_attrs.get('objectives')}); choose another --study_name"
         )
     # Trials compare only under one adapter and one memorization reduction.
-    setup = {"family": config.family, "lora_rank": config.lora_rank, "reduce": config.reduce}
+    setup = adapter_setup(config) | {"reduce": config.reduce}
     recorded = study.user_attrs.get("setup")
     if recorded is None:
         study.set_user_attr("setup", setup)
     elif recorded != setup:
         raise ValueError(
             f"study {config.study_name!r} in {url} holds trials of {recorded}, this run asks for {setup}: pass the "
-            "same --family, --lora_rank and --reduce to add trials, or choose another --study_name"
+            "same --family, --lora_rank, --lora_modules and --reduce to add trials, or choose another --study_name"
         )
     return study
 
@@ -137,13 +143,18 @@ def objectives(config: MemControlConfig) -> tuple[str, str]:
     return OBJECTIVES[0], QUALITIES[config.quality]
 
 
-def tune_copy(pipe, data: ImageFolder, mask, family: str, rank: int, train: TrainConfig, **fit_kwargs):
-    """A pipeline over a copy of ``pipe``'s UNet whose mask-selected blocks carry the family's adapter, fine-tuned on
-    ``data`` on the shared loop; returns it (in eval mode), its trainable count and the FitResult. ``pipe`` is left as
-    it was."""
+def adapter_setup(config) -> dict:
+    """The adapter a search or stage-2 config puts on the selected blocks (trials compare only under one)."""
+    return {"family": config.family, "lora_rank": config.lora_rank, "lora_modules": config.lora_modules}
+
+
+def tune_copy(pipe, data: ImageFolder, mask, config, train: TrainConfig, **fit_kwargs):
+    """A pipeline over a copy of ``pipe``'s UNet whose mask-selected blocks carry ``config``'s adapter (see
+    ``adapter_setup``), fine-tuned on ``data`` on the shared loop; returns it (in eval mode), its trainable count and
+    the FitResult. ``pipe`` is left as it was."""
     tuned = type(pipe).from_pipe(pipe, unet=copy.deepcopy(pipe.unet))
     tuned.set_progress_bar_config(disable=True)
-    trainable = add_adapter(tuned.unet, mask, family, rank)
+    trainable = add_adapter(tuned.unet, mask, config.family, config.lora_rank, config.lora_modules)
     result = fit(
         FineTuneObjective(tuned), lambda s, i: data.sample(pipe.tokenizer, train.seed, s, i), train, **fit_kwargs
     )
@@ -156,7 +167,7 @@ def run_trial(pipe, config: MemControlConfig, train: TrainConfig, mask, lr: floa
     trainable parameters, the fine-tuned pipeline). ``quality(generated, references, captions)`` is minimised."""
     data = config.read(pipe)
     train = dataclasses.replace(train, learning_rate=lr)
-    tuned, trainable, result = tune_copy(pipe, data, mask, config.family, config.lora_rank, train, **fit_kwargs)
+    tuned, trainable, result = tune_copy(pipe, data, mask, config, train, **fit_kwargs)
     if result.stopped:
         raise TrialStopped(f"stopped at step {result.step} of {train.max_train_steps}")
     held_out = ImageFolder(config.validation_data_dir, data.size, True, 0.0)
@@ -255,7 +266,10 @@ def write_front(study, blocks: list[str], total: int, output_dir: Path) -> Path:
         for i, t in enumerate(trials)
     ]
     plot_pareto(points, front, output_dir / "pareto.png")
-    return atomic_write_text(output_dir / "pareto.json", json.dumps({"blocks": blocks, "trials": rows}, indent=1))
+    return atomic_write_text(
+        output_dir / "pareto.json",
+        json.dumps({"blocks": blocks, "setup": study.user_attrs.get("setup"), "trials": rows}, indent=1),
+    )
 
 
 @functools.cache

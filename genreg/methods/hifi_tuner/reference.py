@@ -103,6 +103,18 @@ def closest_reference(embed: Callable, generated: PIL.Image.Image, references: l
     return int((features[1:] @ features[0]).argmax())
 
 
+def aligned_reference(
+    reference: Reference, target: np.ndarray, settings: ReferenceGuidance
+) -> tuple[PIL.Image.Image, np.ndarray]:
+    """The reference image and its subject mask (as weights in [0, 1], soft at the edge) moved onto mask ``target``
+    (Algorithm 4's transform)."""
+    matrix = align_masks(np.asarray(reference.mask, bool), target, settings.align_steps, settings.align_learning_rate)
+    pixels = torch.from_numpy(np.asarray(reference.image.convert("RGB"), np.float32) / 255).permute(2, 0, 1)
+    moved = warp(pixels, matrix).permute(1, 2, 0).numpy()
+    mask = warp(torch.from_numpy(np.asarray(reference.mask, np.float32))[None], matrix)[0].numpy()
+    return PIL.Image.fromarray((moved * 255).clip(0, 255).astype(np.uint8)), mask
+
+
 def reference_guided(
     pipe,
     subject: HiFiSubject,
@@ -149,12 +161,9 @@ def reference_guided(
         return first, info | {"skipped": "no subject found in the first draw"}
     pick = closest_reference(embed, first, references)
     reference = references[pick]
-    matrix = align_masks(np.asarray(reference.mask, bool), target, settings.align_steps, settings.align_learning_rate)
-    pixels = torch.from_numpy(np.asarray(reference.image.convert("RGB"), np.float32) / 255).permute(2, 0, 1)
-    mask_pixels = warp(torch.from_numpy(np.asarray(reference.mask, np.float32))[None], matrix)
-    moved = PIL.Image.fromarray((warp(pixels, matrix).permute(1, 2, 0).numpy() * 255).clip(0, 255).astype(np.uint8))
-    mask = F.interpolate(mask_pixels[None], size=(size, size), mode="area")[0, 0] > 0.5
-    info |= {"reference": pick, "aligned_mask": mask_pixels[0].numpy() > 0.5}
+    moved, aligned = aligned_reference(reference, target, settings)
+    mask = F.interpolate(torch.from_numpy(aligned)[None, None], size=(size, size), mode="area")[0, 0] > 0.5
+    info |= {"reference": pick, "aligned_mask": aligned > 0.5}
     if not mask.any():
         return first, info | {"skipped": "the aligned mask covers no latent pixel"}
     mask = mask.to(device)

@@ -37,7 +37,7 @@ OBJECTIVES = ("memorization", "frechet_distance")  # the paper's pair (the defau
 HEARTBEAT_SECONDS = 30
 # The official code's PEFT baselines adapt the feed-forward layers beside the attention projections, and its
 # "attention" family trains them too; on the tiny world, LoRA on the projections alone learnt a new colour 10-20
-# points below full fine-tuning at any learning rate, with them it matched it (bench/results/memcontrol.md).
+# points below full fine-tuning at any learning rate, with them it came within 4 (bench/results/memcontrol.md).
 LORA_DEFAULT = "attention+ff"
 LORA_MODULES_HELP = "LoRA's layers per selected block: the attention projections, or those and the feed-forward ones"
 

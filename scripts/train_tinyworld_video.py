@@ -122,8 +122,9 @@ def main() -> None:
     p.add_argument("--eval_clips", type=int, default=12)
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
-    init_domain = args.init_adapter and Path(args.init_adapter) / DOMAIN_ADAPTER
-    if init_domain and init_domain.is_file() and not args.domain_lora_rank:
+    init_domain = Path(args.init_adapter) / DOMAIN_ADAPTER if args.init_adapter else None
+    init_domain = init_domain if init_domain is not None and init_domain.is_file() else None
+    if init_domain and not args.domain_lora_rank:
         raise SystemExit(f"{args.init_adapter} has a domain adapter: pass its --domain_lora_rank to train on with it")
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -147,7 +148,7 @@ def main() -> None:
     unet.freeze_unet2d_params()
     if args.domain_lora_rank:
         add_domain_adapter(unet, args.domain_lora_rank)
-        if init_domain and init_domain.is_file():  # go on with the adapter's own domain adapter (same rank)
+        if init_domain:  # go on with the adapter's own domain adapter (same rank)
             from peft.utils import set_peft_model_state_dict
 
             lora = load_file(str(init_domain))

@@ -47,7 +47,8 @@ def choose(pareto: str | Path, trial: int | None = None, adapter: dict | None = 
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist: pass the pareto.json a MemControl search wrote")
     front = json.loads(path.read_text())
-    other = {k: v for k, v in (front.get("setup") or {}).items() if adapter and k in adapter and adapter[k] != v}
+    adapter = adapter or {}
+    other = {k: v for k, v in (front.get("setup") or {}).items() if k in adapter and adapter[k] != v}
     if other:
         flags = " ".join(f"--{k} {v}" for k, v in other.items())
         raise ValueError(f"{path} was searched with another adapter: pass {flags} to fine-tune its masks")

@@ -5,21 +5,25 @@
 Task: teach the bundled model a held-out value (``genreg.tinyworld.concepts``: renders whose captions name it) at
 equal steps, batch and data for every row. Rows: the untouched model; SaRA with its threshold set so that it trains
 as many weights as the LoRA row; SaRA without the low-rank loss and without progressive re-selection (ablations);
-LoRA of rank --lora_rank on every attention projection (diffusers' text-to-image LoRA setup); full fine-tuning.
+SaRA on LoRA's weights only (``sara-attention``: the attention projections, as many weights as LoRA); LoRA of rank
+--lora_rank on every attention projection (diffusers' text-to-image LoRA setup); full fine-tuning.
 A row named ``ROW:LR`` is that row at learning rate LR (SaRA's default is the paper's rule, 1e-3 exp(-350 theta)).
-Each row trains in its own process, so its peak memory (CPU RSS, and CUDA's peak where a GPU is used) is its own;
+Each row trains in its own process, so its peak memory (CPU RSS, and CUDA's peak where a GPU is used) is its own
+(``--memory_only`` measures it again over a few steps, with the peak of live CPU tensors beside the RSS);
 the result is saved in the method's format, loaded into a fresh plain diffusers pipeline with the standard loader
 (``genreg.methods.sara.load_into``, ``load_lora_weights``, ``UNet2DConditionModel.from_pretrained``) and scored:
 new-value accuracy (the evaluator reads the concept on prompts that name it in combinations the kit does not hold)
-and the retained all-correct rate on standard single-object prompts. Writes bench/results/sara.{json,md}.
+and the retained all-correct rate on standard single-object prompts. Writes bench/results/<--name>.{json,md}.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import random
 import shlex
+import shutil
 import subprocess
 import sys
 import time
@@ -31,19 +35,21 @@ from genreg import load_pipeline
 from genreg.diffusion import FineTuneObjective
 from genreg.methods.sara import (
     DELTA_FILE,
+    SaRAConfig,
     SaRADelta,
     SaRATrainingConfig,
     auto_learning_rate,
     load_into,
     train_sara,
 )
-from genreg.profiling import peak_rss_mib, rss_mib
+from genreg.profiling import peak_rss_mib, rss_mib, tensor_peak
 from genreg.tinyworld import Evaluator, sample_scene, scene_prompt
 from genreg.tinyworld.concepts import CONCEPTS, concept_prompts, write_concept_kit
 from genreg.training import TrainConfig, fit
 
 RESULTS = Path(__file__).resolve().parents[1] / "bench" / "results"
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
+LORA_WEIGHTS = tuple(f"*.{name}.weight" for name in LORA_TARGETS)  # the weights LoRA adapts, as SaRA targets
 
 
 def fresh(model: str, device: str):
@@ -64,9 +70,12 @@ def lora_count(model: str, rank: int) -> int:
     return sum(p.numel() for p in unet.parameters() if p.requires_grad)
 
 
-def matching_threshold(model: str, count: int) -> float:
-    """The threshold below which exactly ``count`` UNet weights lie (so SaRA trains as many weights as LoRA)."""
-    weights = torch.cat([p.detach().abs().flatten() for p in fresh(model, "cpu").unet.parameters()])
+def matching_threshold(model: str, count: int, targets: tuple[str, ...] = ("*",)) -> float:
+    """The threshold below which exactly ``count`` UNet weights of the ``targets`` tensors lie (so SaRA trains as
+    many weights as LoRA)."""
+    config = SaRAConfig(targets=targets)
+    unet = fresh(model, "cpu").unet
+    weights = torch.cat([p.detach().abs().flatten() for n, p in unet.named_parameters() if config.wanted(n)])
     return float(torch.kthvalue(weights, count + 1).values)
 
 
@@ -90,6 +99,29 @@ def train_row(args) -> None:
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
+    with tensor_peak() if spec.get("profile") else contextlib.nullcontext() as tensors:
+        files, trainable = train_method(args, spec, pipe, train, out)
+    seconds = time.perf_counter() - start
+    peak = peak_rss_mib()
+    report = {
+        "learning_rate": spec["lr"] or auto_learning_rate(spec["sara"]["threshold"]),
+        "trainable": trainable,
+        "seconds_per_step": seconds / args.steps,
+        "peak_rss_mib": peak,
+        "peak_rss_above_loaded_mib": peak - before,
+        "saved_bytes": sum(f.stat().st_size for f in files),
+    }
+    if spec["method"] == "sara":
+        report["threshold"] = spec["sara"]["threshold"]
+    if tensors is not None:
+        report["peak_tensor_mib"] = tensors.peak_mib
+    if device == "cuda":
+        report["cuda_peak_mib"] = torch.cuda.max_memory_allocated() / 2**20
+    (out / "row.json").write_text(json.dumps(report))
+
+
+def train_method(args, spec: dict, pipe, train: TrainConfig, out: Path) -> tuple[list[Path], int]:
+    """Trains row ``spec`` and saves it in its method's format; returns the saved files and the trainable count."""
     if spec["method"] == "sara":
         config = SaRATrainingConfig(train_data_dir=args.kit, flip_p=0.0, **spec["sara"])
         files = [train_sara(pipe, config, train)]
@@ -103,19 +135,7 @@ def train_row(args) -> None:
         data = SaRATrainingConfig(train_data_dir=args.kit, flip_p=0.0).read(pipe)
         fit(FineTuneObjective(pipe), lambda step, i: data.sample(pipe.tokenizer, args.seed, step, i), train)
         files = save_result(pipe, spec["method"], out)
-    seconds = time.perf_counter() - start
-    peak = peak_rss_mib()
-    report = {
-        "learning_rate": spec["lr"] or auto_learning_rate(spec["sara"]["threshold"]),
-        "trainable": trainable,
-        "seconds_per_step": seconds / args.steps,
-        "peak_rss_mib": peak,
-        "peak_rss_above_loaded_mib": peak - before,
-        "saved_bytes": sum(f.stat().st_size for f in files),
-    }
-    if device == "cuda":
-        report["cuda_peak_mib"] = torch.cuda.max_memory_allocated() / 2**20
-    (out / "row.json").write_text(json.dumps(report))
+    return files, trainable
 
 
 def save_result(pipe, method: str, out: Path) -> list[Path]:
@@ -149,16 +169,18 @@ def load_row(model: str, method: str, out: Path):
 # Scoring
 
 
-def score(pipe, evaluator: Evaluator, prompts: list[str], seed: int) -> dict:
+def score(pipe, evaluator: Evaluator, prompts: list[str], seed: int, repeats: int = 1) -> dict:
+    """The evaluator's readings of ``repeats`` images of each prompt (the r-th with seeds from seed + r * 10,000)."""
     images = []
-    for i in range(0, len(prompts), 50):
-        chunk = prompts[i : i + 50]
-        generators = [torch.Generator().manual_seed(seed + i + k) for k in range(len(chunk))]
-        images += pipe(chunk, num_inference_steps=25, guidance_scale=5.0, generator=generators).images
-    return evaluator.score(images, prompts)
+    for r in range(repeats):
+        for i in range(0, len(prompts), 50):
+            chunk = prompts[i : i + 50]
+            generators = [torch.Generator().manual_seed(seed + r * 10_000 + i + k) for k in range(len(chunk))]
+            images += pipe(chunk, num_inference_steps=25, guidance_scale=5.0, generator=generators).images
+    return evaluator.score(images, prompts * repeats)
 
 
-ROWS = ("base", "sara", "sara-no-rank", "sara-no-progressive", "lora", "full")
+ROWS = ("base", "sara", "sara-no-rank", "sara-no-progressive", "sara-attention", "lora", "full")
 
 
 def row_name(text: str) -> str:
@@ -186,6 +208,7 @@ def main() -> None:
     p.add_argument("--full_lr", type=float, default=1e-4, help="full fine-tuning's learning rate")
     p.add_argument("--eval_prompts", type=int, default=60, help="prompts naming the concept")
     p.add_argument("--retain_prompts", type=int, default=100, help="standard single-object prompts")
+    p.add_argument("--images_per_prompt", type=int, default=1, help="images scored per prompt (other seeds)")
     p.add_argument(
         "--rows",
         nargs="+",
@@ -195,8 +218,9 @@ def main() -> None:
     )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--work_dir", default="runs/bench_sara")
+    p.add_argument("--name", default="sara", help="results file stem: bench/results/<name>.{json,md}")
     p.add_argument(
-        "--memory_only", action="store_true", help="measure the trained rows' peak memory again (sara.json's run)"
+        "--memory_only", action="store_true", help="measure the trained rows' peak memory again (<name>.json's run)"
     )
     p.add_argument("--memory_steps", type=int, default=10, help="training steps of a --memory_only measurement")
     p.add_argument("--kit", help=argparse.SUPPRESS)
@@ -225,8 +249,8 @@ def main() -> None:
             command = [sys.executable, __file__, *sys.argv[1:], "--kit", str(kit), "--row", json.dumps(spec)]
             subprocess.run(command, check=True)
         pipe = load_row(args.model, spec["method"], out)
-        new = score(pipe, evaluator, [prompt for prompt, _ in concept], args.seed)
-        kept = score(pipe, evaluator, retain, args.seed + 1)
+        new = score(pipe, evaluator, [prompt for prompt, _ in concept], args.seed, args.images_per_prompt)
+        kept = score(pipe, evaluator, retain, args.seed + 1, args.images_per_prompt)
         rows[name] = {
             "new_value": new[attribute],
             "new_all_correct": new["all_correct"],
@@ -246,17 +270,21 @@ def row_spec(args, name: str, threshold: float, out: Path) -> dict:
         "sara": {"method": "sara", "sara": sara},
         "sara-no-rank": {"method": "sara", "sara": sara | {"lambda_rank": 0.0}},
         "sara-no-progressive": {"method": "sara", "sara": sara | {"progressive_fraction": 0.0}},
+        "sara-attention": {"method": "sara", "sara": sara | {"targets": LORA_WEIGHTS}},
         "lora": {"method": "lora", "lr": args.lora_lr},
         "full": {"method": "full", "lr": args.full_lr},
     }
     spec = specs.get(kind, {"method": "base"})
+    if kind == "sara-attention":  # the weights LoRA adapts, as many as LoRA trains
+        count = lora_count(args.model, args.lora_rank)
+        spec["sara"]["threshold"] = matching_threshold(args.model, count, LORA_WEIGHTS)
     return spec if spec["method"] == "base" else spec | {"out": str(out), "lr": float(lr) if lr else spec.get("lr")}
 
 
 def measure_memory(args) -> None:
-    """Each trained row of bench/results/sara.json trained again for --memory_steps steps, in a process of its own,
+    """Each trained row of bench/results/<name>.json trained again for --memory_steps steps, in a process of its own,
     for its peak memory; the scores stay those of the full run."""
-    earlier = json.loads((RESULTS / "sara.json").read_text())
+    earlier = json.loads((RESULTS / f"{args.name}.json").read_text())
     vars(args).update({k: v for k, v in earlier["settings"].items() if k not in ("memory_only", "memory_steps")})
     kit = write_concept_kit(args.concept, Path(args.work_dir) / "kit", n=args.kit_size, seed=args.seed)
     rows = earlier["rows"]
@@ -267,10 +295,17 @@ def measure_memory(args) -> None:
             continue
         command = [sys.executable, __file__, "--model", args.model, "--batch_size", str(args.batch_size)]
         command += ["--steps", str(args.memory_steps), "--lora_rank", str(args.lora_rank), "--seed", str(args.seed)]
-        subprocess.run([*command, "--kit", str(kit), "--row", json.dumps(spec)], check=True)
+        command += ["--kit", str(kit), "--row"]
+        # Resident memory first, then the tensors in a profiled process (the profiler's own records take memory);
+        # each into an empty folder, as a trainer refuses one that holds another run's checkpoints.
+        shutil.rmtree(out, ignore_errors=True)
+        subprocess.run([*command, json.dumps(spec)], check=True)
         measured = json.loads((out / "row.json").read_text())
-        row |= {k: measured[k] for k in ("peak_rss_mib", "peak_rss_above_loaded_mib")}
-        print(name, row["peak_rss_mib"], flush=True)
+        shutil.rmtree(out)
+        subprocess.run([*command, json.dumps(spec | {"profile": True})], check=True)
+        measured["peak_tensor_mib"] = json.loads((out / "row.json").read_text())["peak_tensor_mib"]
+        row |= {k: measured[k] for k in ("peak_rss_mib", "peak_rss_above_loaded_mib", "peak_tensor_mib")}
+        print(name, row["peak_rss_mib"], row["peak_tensor_mib"], flush=True)
     memory = f"peak memory measured again over {args.memory_steps} steps per row: `--memory_only`"
     write_results(args, rows, earlier["threshold"], earlier["lora_trainable"], earlier["command"], memory)
 
@@ -281,7 +316,7 @@ def write_results(args, rows: dict, threshold: float, count: int, command: str, 
     result = {"settings": settings, "command": command, "threshold": threshold, "lora_trainable": count, "rows": rows}
     if note:
         result["note"] = note
-    (RESULTS / "sara.json").write_text(json.dumps(result, indent=2))
+    (RESULTS / f"{args.name}.json").write_text(json.dumps(result, indent=2))
     base = rows.get("base", {}).get("retained_all_correct")
     lines = [
         f"# SaRA vs LoRA vs full fine-tuning: learning the held-out {args.concept!r}",
@@ -289,26 +324,29 @@ def write_results(args, rows: dict, threshold: float, count: int, command: str, 
         f"`{command}`{f' ({note})' if note else ''}; {args.steps} steps, batch {args.batch_size}, "
         f"kit of {args.kit_size} renders; SaRA threshold {threshold:.3g} (as many weights as LoRA rank "
         f"{args.lora_rank}: {count:,}); {args.eval_prompts} prompts naming the concept, {args.retain_prompts} "
-        "standard single-object prompts; 25 DDIM steps, guidance 5.",
+        f"standard single-object prompts, {args.images_per_prompt} image(s) each; 25 DDIM steps, guidance 5. Peak "
+        "tensor MiB: CPU tensors live at once in training, above the loaded model (`genreg.profiling.tensor_peak`, "
+        "the CPU's counterpart of CUDA's peak allocated), where measured.",
         "",
         "| row | learning rate | new value | new, all correct | retained all-correct | change vs base | trainable | "
-        "s/step | peak RSS MiB (above loaded) | saved MiB |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "s/step | peak RSS MiB (above loaded) | peak tensor MiB | saved MiB |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, r in rows.items():
         change = f"{100 * (r['retained_all_correct'] - base):+.1f} pts" if base is not None else ""
         extra = (
             f"{r['trainable']:,} | {r['seconds_per_step']:.3f} | {r['peak_rss_mib']:.0f} "
-            f"({r['peak_rss_above_loaded_mib']:.0f}) | {r['saved_bytes'] / 2**20:.2f}"
+            f"({r['peak_rss_above_loaded_mib']:.0f}) | {r.get('peak_tensor_mib', float('nan')):.1f} | "
+            f"{r['saved_bytes'] / 2**20:.2f}"
             if "trainable" in r
-            else " | | |"
+            else " | | | |"
         )
         lr = f"{r['learning_rate']:.2g}" if "learning_rate" in r else ""
         lines.append(
             f"| {name} | {lr} | {r['new_value']:.3f} | {r['new_all_correct']:.3f} | {r['retained_all_correct']:.3f} | "
             f"{change} | {extra} |"
         )
-    (RESULTS / "sara.md").write_text("\n".join(lines) + "\n")
+    (RESULTS / f"{args.name}.md").write_text("\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

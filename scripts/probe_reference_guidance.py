@@ -11,8 +11,11 @@ evaluation cases and seeds, each image is scored at these stages:
 - pasted, VAE round trip: that composite encoded and decoded;
 - pasted latents at t_s, no optimization: Algorithm 2 with J = 0 (the inverted reference written into the mask at
   t_s, then the subject's sampling);
-- Algorithm 2 in full (with --full; as the benchmark's "+ reference-guided generation" row).
-Also the aligned mask's IoU with the first draw's subject mask. Writes bench/results/<--name>.{json,md}.
+- Algorithm 2 in full (with --full; as the benchmark's "+ reference-guided generation" row);
+- Algorithm 2 with other settings (``--variants NAME='{"learning_rate": 0.1}'``: ``ReferenceGuidance`` fields).
+Also the aligned mask's IoU with the first draw's subject mask, and for each run of Algorithm 2 the window: per guided
+step, the squared distance of the written masked latents to the inverted reference's, relative to the latter's squared
+norm (0: on the reference's path; about 2: unrelated). Writes bench/results/<--name>.{json,md}.
 """
 
 from __future__ import annotations
@@ -76,7 +79,9 @@ def probe_subject(args, pipe, evaluator, subject) -> dict:
     references = bench.kit_references(Path(args.work_dir) / "kits" / subject.name, hifi.subject_word)
     cases = evaluation_cases(subject)
     settings = ReferenceGuidance()
-    images: dict[str, list] = {stage: [] for stage in STAGES if stage != "full" or args.full}
+    runs = ({"full": settings} if args.full else {}) | {name: replace(settings, **kw) for name, kw in args.variants}
+    images: dict[str, list] = {stage: [] for stage in STAGES if stage != "full"} | {name: [] for name in runs}
+    windows: dict[str, list] = {name: [] for name in runs}
     ious = []
     for r in range(args.images_per_case):
         for c, case in enumerate(cases):
@@ -96,17 +101,22 @@ def probe_subject(args, pipe, evaluator, subject) -> dict:
             images["pasted"].append(pasted)
             images["vae"].append(decode_latents(pipe, encode_image(pipe, pasted))[0])
             images["no_optimization"].append(image)
-            if args.full:
-                images["full"].append(guided(pipe, hifi, case, references, evaluator, seed, settings)[0])
+            for name, run in runs.items():
+                image, info = guided(pipe, hifi, case, references, evaluator, seed, run)
+                images[name].append(image)
+                windows[name].append(info["window_error"])
             aligned = weights > 0.5
             ious.append(float((aligned & target).sum() / max((aligned | target).sum(), 1)))
     refs = [render(s)[0] for s in reference_scenes(subject)]
     scores = {stage: score_subject(evaluator, imgs, cases, subject, refs) for stage, imgs in images.items()}
-    return {"subject": subject.name, "images": len(images["first"]), "mask_iou": float(np.mean(ious))} | scores
+    window = {name: np.mean(errors, axis=0).tolist() for name, errors in windows.items() if errors}
+    n = len(images["first"])
+    return {"subject": subject.name, "images": n, "mask_iou": float(np.mean(ious)), "window_error": window} | scores
 
 
 def write_results(args, rows: list[dict]) -> None:
-    stages = [s for s in STAGES if s in rows[0]]
+    stages = [s for s in STAGES if s in rows[0]] + [name for name, _ in args.variants]
+    label = STAGES | {name: f"Algorithm 2, {json.dumps(kw)}" for name, kw in args.variants}
     n = sum(r["images"] for r in rows)
 
     def mean(stage: str, metric: str) -> float:
@@ -125,11 +135,43 @@ def write_results(args, rows: list[dict]) -> None:
     ]
     for stage in stages:
         cells = " | ".join(f"{mean(stage, m):.3f}" for m in ("identity", "shape", "color", "pattern", "outline"))
-        lines.append(f"| {STAGES[stage]} | {cells} | {mean(stage, 'alignment'):.3f} |")
+        lines.append(f"| {label[stage]} | {cells} | {mean(stage, 'alignment'):.3f} |")
+    windows = [stage for stage in stages if stage in rows[0]["window_error"]]
+    if windows:
+        lines += [
+            "",
+            "The window: squared distance of the written masked latents to the inverted reference's, relative to the "
+            "latter's squared norm (0: on the reference's path; about 2: unrelated), per guided step (the first, "
+            "every fourth, the last), the mean over the images that were guided.",
+            "",
+            "| run | " + " | ".join(f"step {i + 1}" for i in window_steps(rows[0]["window_error"][windows[0]])) + " |",
+            "|---|" + "---|" * len(window_steps(rows[0]["window_error"][windows[0]])),
+        ]
+        for stage in windows:
+            errors = np.mean([r["window_error"][stage] for r in rows if stage in r["window_error"]], axis=0)
+            picked = window_steps(errors)
+            lines.append(f"| {label[stage]} | " + " | ".join(f"{errors[i]:.4f}" for i in picked) + " |")
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / f"{args.name}.md").write_text("\n".join(lines) + "\n")
     (RESULTS / f"{args.name}.json").write_text(json.dumps({"command": command, "rows": rows}, indent=1))
     print("\n".join(lines))
+
+
+def window_steps(errors) -> list[int]:
+    return sorted({*range(0, len(errors), 4), len(errors) - 1})
+
+
+def variant(text: str) -> tuple[str, dict]:
+    name, equals, settings = text.partition("=")
+    try:
+        fields = json.loads(settings)
+        ReferenceGuidance(**fields)
+    except (ValueError, TypeError) as error:
+        message = f"{text!r}: give NAME='{{\"field\": value}}' with ReferenceGuidance's fields ({error})"
+        raise argparse.ArgumentTypeError(message) from None
+    if not equals or not name or name in STAGES:
+        raise argparse.ArgumentTypeError(f"{text!r}: give NAME='{{...}}' with a NAME of its own")
+    return name, fields
 
 
 def main() -> None:
@@ -140,6 +182,9 @@ def main() -> None:
     p.add_argument("--images_per_case", type=int, default=2)
     p.add_argument("--name", default="hifi_reference_probe", help="results file stem: bench/results/<name>.{json,md}")
     p.add_argument("--full", action="store_true", help="also Algorithm 2 in full (about 20 s an image on two cores)")
+    p.add_argument(
+        "--variants", nargs="+", type=variant, default=[], help="also Algorithm 2 with other settings: NAME='{json}'"
+    )
     p.add_argument("--work_dir", default="runs/bench_hifi_tuner", help="the benchmark's work folder, with its runs")
     args = p.parse_args()
     evaluator = Evaluator.load()

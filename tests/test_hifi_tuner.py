@@ -313,6 +313,29 @@ def test_the_alignment_recovers_a_similarity_transform():
     assert torch.allclose(warp(torch.ones(3, 8, 8), identity), torch.ones(3, 8, 8))
 
 
+def test_the_moved_reference_shows_its_own_background_where_the_move_uncovers_it():
+    from genreg.methods.hifi_tuner.reference import Reference, ReferenceGuidance, aligned_reference
+
+    pixels = np.full((32, 32, 3), 240, np.uint8)  # a light ground with a red square at the right edge
+    pixels[8:24, 20:32] = (200, 30, 30)
+    source = np.zeros((32, 32), bool)
+    source[8:24, 20:32] = True
+    target = np.zeros((32, 32), bool)
+    target[8:24, 4:16] = True  # moved to the left: the image's right part is uncovered
+    reference = Reference(Image.fromarray(pixels), source, "a red square")
+    moved, weights = aligned_reference(reference, target, ReferenceGuidance(align_steps=50))
+    moved = np.asarray(moved)
+    assert (moved[12:20, 6:14] == (200, 30, 30)).all(-1).mean() > 0.9  # the subject, where the target is
+    assert (np.abs(moved[:, 26:].astype(int) - 240) <= 2).all()  # the uncovered strip is the ground, not black
+    assert weights[12:20, 6:14].min() > 0.9 and weights[:, 26:].max() < 0.1
+    black, _ = aligned_reference(reference, target, ReferenceGuidance(align_steps=50, fill="zeros"))
+    assert (np.asarray(black)[:, 28:] == 0).all()
+    with pytest.raises(ValueError, match="fill"):
+        ReferenceGuidance(fill="white")
+    with pytest.raises(ValueError, match="mask_coverage"):
+        ReferenceGuidance(mask_coverage=1.0)
+
+
 def test_object_mask_finds_the_object_at_the_asked_place():
     from genreg.tinyworld import render
     from genreg.tinyworld.subjects import object_mask
@@ -349,7 +372,10 @@ def test_reference_guided_generation_picks_aligns_inverts_and_guides(tmp_path, k
 
     image, info = draw(lambda image: square, 2)
     assert info["reference"] == 1 and image.size == (32, 32) and info["aligned_mask"].any()
-    plain, _ = draw(lambda image: square, 0)
+    plain, unfitted = draw(lambda image: square, 0)
+    guided_steps = len(info["window_error"])
+    assert guided_steps > 1 and len(unfitted["window_error"]) == guided_steps
+    assert sum(info["window_error"]) < sum(unfitted["window_error"])  # phi_h's steps keep closer to the reference
     unguided, skipped = draw(lambda image: np.zeros((32, 32), bool), 2)
     assert "skipped" in skipped and np.array_equal(np.asarray(unguided), np.asarray(skipped["first"]))
     first = np.asarray(info["first"], np.float32)

@@ -38,10 +38,18 @@ class ReferenceGuidance:
     learning_rate: float = 1e-2  # Adam on phi_h
     align_steps: int = 200  # Algorithm 4's L (unspecified in the paper)
     align_learning_rate: float = 0.05
+    # The latent pixels guided: those whose share of the moved subject mask exceeds this (the paper resizes M_r* to
+    # the latent grid without saying how it is binarized).
+    mask_coverage: float = 0.5
+    fill: str = "background"  # what the moved reference shows where the move uncovers it: "background" or "zeros"
 
     def __post_init__(self):
         if not 0 <= self.end <= self.start <= 1:
             raise ValueError(f"the guided window needs 0 <= end <= start <= 1, got start {self.start}, end {self.end}")
+        if self.fill not in ("background", "zeros"):
+            raise ValueError(f"fill is 'background' (the reference's) or 'zeros' (black), got {self.fill!r}")
+        if not 0 <= self.mask_coverage < 1:
+            raise ValueError(f"mask_coverage is a share in [0, 1), got {self.mask_coverage}")
         if self.inner_steps < 0 or self.align_steps < 0:
             raise ValueError("inner_steps and align_steps must be >= 0")
 
@@ -107,10 +115,19 @@ def aligned_reference(
     reference: Reference, target: np.ndarray, settings: ReferenceGuidance
 ) -> tuple[PIL.Image.Image, np.ndarray]:
     """The reference image and its subject mask (as weights in [0, 1], soft at the edge) moved onto mask ``target``
-    (Algorithm 4's transform)."""
-    matrix = align_masks(np.asarray(reference.mask, bool), target, settings.align_steps, settings.align_learning_rate)
+    (Algorithm 4's transform). What the move uncovers shows the reference's background colour (the median outside
+    its mask) with ``settings.fill="background"``, so that the image stays one the VAE and the UNet know: a black
+    fill beside the subject changes the subject's latents (on the bundled VAE a black band on a white ground decodes
+    green and tints what it touches)."""
+    source = np.asarray(reference.mask, bool)
+    matrix = align_masks(source, target, settings.align_steps, settings.align_learning_rate)
     pixels = torch.from_numpy(np.asarray(reference.image.convert("RGB"), np.float32) / 255).permute(2, 0, 1)
-    moved = warp(pixels, matrix).permute(1, 2, 0).numpy()
+    moved = warp(pixels, matrix)
+    if settings.fill == "background" and (~source).any():
+        covered = warp(torch.ones_like(pixels[:1]), matrix)
+        background = pixels[:, torch.from_numpy(~source)].median(dim=1).values[:, None, None]
+        moved = moved + (1 - covered) * background
+    moved = moved.permute(1, 2, 0).numpy()
     mask = warp(torch.from_numpy(np.asarray(reference.mask, np.float32))[None], matrix)[0].numpy()
     return PIL.Image.fromarray((moved * 255).clip(0, 255).astype(np.uint8)), mask
 
@@ -129,7 +146,9 @@ def reference_guided(
     settings: ReferenceGuidance | None = None,
 ) -> tuple[PIL.Image.Image, dict]:
     """One image of ``prompt`` with the subject, guided by its closest reference (Algorithm 2). Returns the image and
-    what the guidance did: the first draw, the reference picked, the aligned mask (or why it did not guide)."""
+    what the guidance did: the first draw, the reference picked, the aligned mask, and per guided step the squared
+    distance of the written masked latents to the inverted reference's, relative to the latter's squared norm (or
+    why it did not guide)."""
     settings = settings or ReferenceGuidance()
     if not references:
         raise ValueError("reference-guided generation needs the subject's training images with their masks")
@@ -162,7 +181,8 @@ def reference_guided(
     pick = closest_reference(embed, first, references)
     reference = references[pick]
     moved, aligned = aligned_reference(reference, target, settings)
-    mask = F.interpolate(torch.from_numpy(aligned)[None, None], size=(size, size), mode="area")[0, 0] > 0.5
+    mask = F.interpolate(torch.from_numpy(aligned)[None, None], size=(size, size), mode="area")[0, 0]
+    mask = mask > settings.mask_coverage
     info |= {"reference": pick, "aligned_mask": aligned > 0.5}
     if not mask.any():
         return first, info | {"skipped": "the aligned mask covers no latent pixel"}
@@ -174,6 +194,7 @@ def reference_guided(
     last_guided = round((1 - settings.end) * steps)
     x = x_T
     phi_h = optimizer = None
+    info["window_error"] = []
     for i, t in enumerate(scheduler.timesteps):
         if i == first_guided:
             x = torch.where(mask, trajectory[steps - i], x)
@@ -184,8 +205,11 @@ def reference_guided(
             x_prev = guided(x, t, phi, cond_pred)
         if first_guided <= i <= last_guided and phi_h is not None:
             step = partial(guided, x, t, cond_pred=cond_pred)
-            fit_null_text(step, phi_h, trajectory[steps - i - 1], optimizer, settings.inner_steps, mask)
+            goal = trajectory[steps - i - 1]
+            fit_null_text(step, phi_h, goal, optimizer, settings.inner_steps, mask)
             with torch.no_grad():
                 x_prev = torch.where(mask, guided(x, t, phi_h, cond_pred), x_prev)
+            error = (x_prev - goal)[..., mask].float().pow(2).sum() / goal[..., mask].float().pow(2).sum()
+            info["window_error"].append(error.item())
         x = x_prev
     return decode_latents(pipe, x)[0], info

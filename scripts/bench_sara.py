@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import random
 import shlex
@@ -64,12 +65,14 @@ def lora_config(rank: int):
     return LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian", target_modules=LORA_TARGETS)
 
 
+@functools.cache  # each loads the model: main and every row's spec ask again
 def lora_count(model: str, rank: int) -> int:
     unet = fresh(model, "cpu").unet
     unet.add_adapter(lora_config(rank))
     return sum(p.numel() for p in unet.parameters() if p.requires_grad)
 
 
+@functools.cache
 def matching_threshold(model: str, count: int, targets: tuple[str, ...] = ("*",)) -> float:
     """The threshold below which exactly ``count`` UNet weights of the ``targets`` tensors lie (so SaRA trains as
     many weights as LoRA)."""

@@ -95,7 +95,7 @@ def train_row(args) -> None:
         lr_scheduler="constant",
         checkpointing_steps=0,
         max_grad_norm=1.0,
-        seed=args.seed,
+        seed=spec["seed"],
         report_to="none",
     )
     before = rss_mib()
@@ -136,7 +136,7 @@ def train_method(args, spec: dict, pipe, train: TrainConfig, out: Path) -> tuple
             pipe.unet.requires_grad_(True)
         trainable = sum(p.numel() for p in pipe.unet.parameters() if p.requires_grad)
         data = SaRATrainingConfig(train_data_dir=args.kit, flip_p=0.0).read(pipe)
-        fit(FineTuneObjective(pipe), lambda step, i: data.sample(pipe.tokenizer, args.seed, step, i), train)
+        fit(FineTuneObjective(pipe), lambda step, i: data.sample(pipe.tokenizer, train.seed, step, i), train)
         files = save_result(pipe, spec["method"], out)
     return files, trainable
 
@@ -183,6 +183,26 @@ def score(pipe, evaluator: Evaluator, prompts: list[str], seed: int, repeats: in
     return evaluator.score(images, prompts * repeats)
 
 
+SCORES = ("new_value", "new_all_correct", "retained_all_correct")
+
+
+def mean_over_seeds(runs: list[dict]) -> dict:
+    """One row from its training runs (one per seed): the scores' means, each run's scores under ``runs``, and the
+    first run's cost figures (time, memory and size do not depend on the seed)."""
+    row = runs[0] | {name: sum(r[name] for r in runs) / len(runs) for name in SCORES}
+    if len(runs) > 1:
+        row["runs"] = [{k: r[k] for k in (*SCORES, "seed")} for r in runs]
+    return row
+
+
+def cell(row: dict, name: str) -> str:
+    """A score, as the mean and the range of the runs when the row was trained with several seeds."""
+    if "runs" not in row:
+        return f"{row[name]:.3f}"
+    values = [r[name] for r in row["runs"]]
+    return f"{row[name]:.3f} ({min(values):.3f}-{max(values):.3f})"
+
+
 ROWS = ("base", "sara", "sara-no-rank", "sara-no-progressive", "sara-attention", "lora", "full")
 
 
@@ -219,7 +239,15 @@ def main() -> None:
         default=list(ROWS),
         help=f"rows to run, each optionally as ROW:LEARNING_RATE; rows: {', '.join(ROWS)}",
     )
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="the kit, the prompts and the image seeds")
+    p.add_argument(
+        "--train_seeds",
+        type=int,
+        nargs="+",
+        default=None,
+        help="train every row once per seed (default: --seed), scored on the same prompts and images' seeds; the "
+        "table gives the mean and the range",
+    )
     p.add_argument("--work_dir", default="runs/bench_sara")
     p.add_argument("--name", default="sara", help="results file stem: bench/results/<name>.{json,md}")
     p.add_argument(
@@ -244,24 +272,26 @@ def main() -> None:
     attribute = CONCEPTS[args.concept]
     rng = random.Random(f"retain-{args.seed}")
     retain = [scene_prompt(sample_scene(rng, n_objects=1), background=True) for _ in range(args.retain_prompts)]
+    seeds = args.train_seeds or [args.seed]
     rows = {}
     for name in args.rows:
-        out = work / name.replace(":", "-lr")
-        spec = row_spec(args, name, threshold, out)
-        if spec["method"] != "base":
-            command = [sys.executable, __file__, *sys.argv[1:], "--kit", str(kit), "--row", json.dumps(spec)]
-            subprocess.run(command, check=True)
-        pipe = load_row(args.model, spec["method"], out)
-        new = score(pipe, evaluator, [prompt for prompt, _ in concept], args.seed, args.images_per_prompt)
-        kept = score(pipe, evaluator, retain, args.seed + 1, args.images_per_prompt)
-        rows[name] = {
-            "new_value": new[attribute],
-            "new_all_correct": new["all_correct"],
-            "retained_all_correct": kept["all_correct"],
-        }
-        if spec["method"] != "base":
-            rows[name] |= json.loads((out / "row.json").read_text())
-        print(name, rows[name], flush=True)
+        runs = []
+        for seed in seeds if name != "base" else seeds[:1]:
+            out = work / name.replace(":", "-lr") if len(seeds) == 1 else work / f"{name.replace(':', '-lr')}-s{seed}"
+            spec = row_spec(args, name, threshold, out) | {"seed": seed}
+            if spec["method"] != "base":
+                command = [sys.executable, __file__, *sys.argv[1:], "--kit", str(kit), "--row", json.dumps(spec)]
+                subprocess.run(command, check=True)
+            pipe = load_row(args.model, spec["method"], out)
+            new = score(pipe, evaluator, [prompt for prompt, _ in concept], args.seed, args.images_per_prompt)
+            kept = score(pipe, evaluator, retain, args.seed + 1, args.images_per_prompt)
+            run = {"new_value": new[attribute], "new_all_correct": new["all_correct"]}
+            run["retained_all_correct"] = kept["all_correct"]
+            if spec["method"] != "base":
+                run |= json.loads((out / "row.json").read_text()) | {"seed": seed}
+            print(name, run, flush=True)
+            runs.append(run)
+        rows[name] = mean_over_seeds(runs)
     write_results(args, rows, threshold, count, shlex.join(["python", "scripts/bench_sara.py", *sys.argv[1:]]))
 
 
@@ -293,7 +323,7 @@ def measure_memory(args) -> None:
     rows = earlier["rows"]
     for name, row in rows.items():
         out = Path(args.work_dir) / "memory" / name.replace(":", "-lr")
-        spec = row_spec(args, name, earlier["threshold"], out)
+        spec = row_spec(args, name, earlier["threshold"], out) | {"seed": args.seed}
         if spec["method"] == "base":
             continue
         command = [sys.executable, __file__, "--model", args.model, "--batch_size", str(args.batch_size)]
@@ -329,7 +359,13 @@ def write_results(args, rows: dict, threshold: float, count: int, command: str, 
         f"{args.lora_rank}: {count:,}); {args.eval_prompts} prompts naming the concept, {args.retain_prompts} "
         f"standard single-object prompts, {args.images_per_prompt} image(s) each; 25 DDIM steps, guidance 5. Peak "
         "tensor MiB: CPU tensors live at once in training, above the loaded model (`genreg.profiling.tensor_peak`, "
-        "the CPU's counterpart of CUDA's peak allocated), where measured.",
+        "the CPU's counterpart of CUDA's peak allocated), where measured."
+        + (
+            f" Every trained row was trained with seeds {', '.join(map(str, args.train_seeds))} on the same kit and "
+            "scored on the same prompts and images' seeds: its scores are the mean and (range) of those runs."
+            if args.train_seeds and len(args.train_seeds) > 1
+            else ""
+        ),
         "",
         "| row | learning rate | new value | new, all correct | retained all-correct | change vs base | trainable | "
         "s/step | peak RSS MiB (above loaded) | peak tensor MiB | saved MiB |",
@@ -345,10 +381,8 @@ def write_results(args, rows: dict, threshold: float, count: int, command: str, 
             else " | | | |"
         )
         lr = f"{r['learning_rate']:.2g}" if "learning_rate" in r else ""
-        lines.append(
-            f"| {name} | {lr} | {r['new_value']:.3f} | {r['new_all_correct']:.3f} | {r['retained_all_correct']:.3f} | "
-            f"{change} | {extra} |"
-        )
+        scores = " | ".join(cell(r, score) for score in SCORES)
+        lines.append(f"| {name} | {lr} | {scores} | {change} | {extra} |")
     (RESULTS / f"{args.name}.md").write_text("\n".join(lines) + "\n")
 
 

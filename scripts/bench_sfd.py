@@ -3,13 +3,17 @@
     python scripts/bench_sfd.py [--forget star --override circle] [--steps 400]
 
 Rows, same prompts and seeds: the teacher (25 DDIM steps, CFG 5); the same distillation without the forget branch
-(plain SiD: --forget_weight 0); SFD; and a fine-tuning unlearning baseline that keeps the multi-step sampler (ESD,
-Gandikota et al. 2023: the UNet under the forget prompt is trained towards eps(x_t) - eta (eps(x_t, c_f) -
-eps(x_t)) of the frozen model, x_t on the frozen model's own samples of the forget prompt; full UNet, eta 1).
+(plain SiD: --forget_weight 0); SFD; SFD started from that SiD generator (``sfd-two-stage``, listed after ``sid``,
+--steps more steps: the official SD run starts the generator from a distilled SiD one, as the DDPM code's
+SFD-Two-Stage does); and a fine-tuning unlearning baseline that keeps the multi-step sampler (ESD, Gandikota et al.
+2023: the UNet under the forget prompt is trained towards eps(x_t) - eta (eps(x_t, c_f) - eps(x_t)) of the frozen
+model, x_t on the frozen model's own samples of the forget prompt; full UNet, eta 1).
 Columns: forget rate (how often the evaluator reads the forgotten value where a prompt names it, and what it reads
 instead), the same over paraphrases ("an image of ...", the concept named beside its pattern and outline),
 retained all-correct on prompts that never name it (against the teacher), images per second at one batch, and
-training time, steps and peak memory. Writes bench/results/<--name, default sfd>.{json,md}.
+training time, steps and peak memory. Beside the teacher, the VAE's decoding alone (the same batches, to PIL as the
+pipelines return them): every one-step generator decodes too, so the teacher's time over the decoding time bounds
+the speed-up any of them can reach on this model and machine. Writes bench/results/<--name, default sfd>.{json,md}.
 """
 
 from __future__ import annotations
@@ -29,11 +33,13 @@ from genreg.pipelines import OneStepPipeline
 from genreg import load_pipeline
 from genreg.methods.score_forgetting import SFDConfig, tinyworld_prompts, train_sfd
 from genreg.profiling import peak_rss_mib, reset_peak_rss, rss_mib
+from genreg.sd import decode_latents
 from genreg.tinyworld import Evaluator
 from genreg.tinyworld.world import OBJECT_ATTRIBUTES, sample_scene, scene_prompt
 from genreg.training import TrainConfig, fit
 
 RESULTS = Path(__file__).resolve().parents[1] / "bench" / "results"
+ROWS = ("teacher", "sid", "sfd", "sfd-two-stage", "esd")
 
 
 def fresh(model: str):
@@ -51,6 +57,18 @@ def draw(pipe, prompts: list[str], seed: int, one_step: bool) -> tuple[list, flo
         kwargs = {} if one_step else {"num_inference_steps": 25, "guidance_scale": 5.0}
         images += pipe(chunk, generator=generators, **kwargs).images
     return images, len(prompts) / (time.perf_counter() - start)
+
+
+@torch.no_grad()
+def decoding_speed(pipe, n: int, seed: int) -> float:
+    """Images per second of the VAE's decoding alone, in the batches ``draw`` uses (random latents of the model's
+    shape, decoded to PIL images)."""
+    g = torch.Generator().manual_seed(seed)
+    shape = (pipe.vae.config.latent_channels, pipe.unet.config.sample_size, pipe.unet.config.sample_size)
+    start = time.perf_counter()
+    for i in range(0, n, 50):
+        decode_latents(pipe, torch.randn((min(50, n - i), *shape), generator=g))
+    return n / (time.perf_counter() - start)
 
 
 def read_concept(evaluator: Evaluator, images, attribute: str, concept: str) -> tuple[float, dict]:
@@ -125,11 +143,13 @@ def main() -> None:
     p.add_argument("--esd_steps", type=int, default=300)
     p.add_argument("--esd_lr", type=float, default=1e-5)
     p.add_argument("--prompts", type=int, default=100, help="prompts per set (forget, paraphrase, retain)")
-    p.add_argument("--rows", nargs="+", default=["teacher", "sid", "sfd", "esd"])
+    p.add_argument("--rows", nargs="+", choices=ROWS, default=["teacher", "sid", "sfd", "esd"])
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--work_dir", default="runs/bench_sfd")
     p.add_argument("--name", default="sfd", help="results file stem: bench/results/<name>.{json,md}")
     args = p.parse_args()
+    if "sfd-two-stage" in args.rows and "sid" not in args.rows[: args.rows.index("sfd-two-stage")]:
+        p.error("the sfd-two-stage row starts from the sid row's generator: list sid before it")
 
     attribute = next(a for a, values in OBJECT_ATTRIBUTES.items() if args.forget in values)
     rng = random.Random(f"bench-sfd-{args.seed}")
@@ -147,8 +167,10 @@ def main() -> None:
         start, before = time.perf_counter(), rss_mib()
         if name == "teacher":
             pipe, one_step, steps = fresh(args.model), False, 0
-        elif name in ("sid", "sfd"):
+        elif name in ("sid", "sfd", "sfd-two-stage"):
             config = SFDConfig(forget=args.forget, override=args.override, forget_weight=0.0 if name == "sid" else 1.0)
+            if name == "sfd-two-stage":
+                config.generator_init = str(work / "sid" / "generator")
             train = TrainConfig(
                 output_dir=str(work / name),
                 max_train_steps=args.steps,
@@ -160,7 +182,7 @@ def main() -> None:
             )
             pipe = OneStepPipeline.from_pretrained(train_sfd(fresh(args.model), config, train))
             pipe.set_progress_bar_config(disable=True)
-            one_step, steps = True, args.steps
+            one_step, steps = True, args.steps if name != "sfd-two-stage" else f"{args.steps} after sid's"
         else:
             pipe, one_step, steps = train_esd(args, forget, work / name), False, args.esd_steps
         trained = time.perf_counter() - start
@@ -179,6 +201,8 @@ def main() -> None:
             "training_steps": steps,
             "peak_rss_mib_growth": peak - before,
         }
+        if name == "teacher":
+            rows[name]["decoding_images_per_second"] = decoding_speed(pipe, len(forget), args.seed)
         print(name, rows[name], flush=True)
     write_results(args, rows)
 
@@ -204,6 +228,13 @@ def write_results(args, rows: dict) -> None:
             f"{r['retained_all_correct']:.3f} | {r['images_per_second']:.1f} | {ratio:.1f}x | "
             f"{r['training_seconds']:.0f} ({r['training_steps']}) | {r['peak_rss_mib_growth']:.0f} |"
         )
+    if "decoding_images_per_second" in teacher:
+        decoding = teacher["decoding_images_per_second"]
+        lines += [
+            "",
+            f"The VAE's decoding alone (the same batches): {decoding:.1f} images/s, so no one-step generator can be "
+            f"more than {decoding / teacher['images_per_second']:.1f}x faster than the teacher here.",
+        ]
     (RESULTS / f"{args.name}.md").write_text("\n".join(lines) + "\n")
 
 

@@ -3,10 +3,12 @@
     python scripts/bench_tinyworld.py [--single 200] [--double 100] [--steps 25]
     python scripts/bench_tinyworld.py --device cuda --dtype float16 --name tinyworld_cuda_fp16  # GPU parity check
 
-- evaluator: per-attribute accuracy on fresh renders (a seed the training never used), named and detail attributes;
+- evaluator: per-attribute accuracy on fresh renders (a seed the training never used), named and detail attributes,
+  and on the VAE's round trip of the first 1,000 of them (the most any image drawn through this VAE can score);
 - model: prompt adherence read by the evaluator, for single- and two-object prompts, each image with its own seed,
   at guidance 5 and at guidance 1 (no CFG); at guidance 5 also the single-object scenes with pattern and outline
-  named, and with the background named (reported per background);
+  named, and with the background named (reported per background); for the single-object prompts at guidance 5,
+  colour per asked colour and size, and what it was read as when wrong;
 - `genreg generate`: wall time of one call (load + 25 steps) on this machine.
 """
 
@@ -21,28 +23,62 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
+import PIL.Image
 import torch
 
 from genreg import load_pipeline
 from genreg.cli import DTYPES
-from genreg.tinyworld import BACKGROUNDS, Evaluator, render_many, sample_scene, scene_prompt
+from genreg.sd import decode_latents, encode_image
+from genreg.tinyworld import BACKGROUNDS, COLORS, SIZES, Evaluator, render_many, sample_scene, scene_prompt
 
 RESULTS = Path(__file__).resolve().parents[1] / "bench" / "results"
 
 
-def evaluator_accuracy(evaluator: Evaluator, n: int, seed: int) -> dict[str, float]:
+def evaluator_accuracy(pipe, evaluator: Evaluator, n: int, seed: int, round_trips: int = 1000) -> dict[str, dict]:
+    """The evaluator's accuracy on ``n`` fresh renders, and on the VAE's round trip of the first ``round_trips``."""
     rng = random.Random(seed)
     scenes = [sample_scene(rng, holdout=False) for _ in range(n)]
-    return evaluator.accuracy(render_many(scenes, processes=2), scenes)
+    renders = render_many(scenes, processes=2)
+    trips = []
+    with torch.no_grad():
+        for i in range(0, min(n, round_trips), 100):
+            latents = encode_image(pipe, [PIL.Image.fromarray(a) for a in renders[i : i + 100]])
+            trips += decode_latents(pipe, latents)
+    return {
+        "renders": evaluator.accuracy(renders, scenes),
+        "vae_round_trip": evaluator.accuracy(trips, scenes[: len(trips)]),
+    }
 
 
-def adherence(pipe, evaluator: Evaluator, prompts: list[str], guidance: float, steps: int, seed: int) -> dict:
+def adherence(pipe, evaluator: Evaluator, prompts: list[str], guidance: float, steps: int, seed: int):
+    """The evaluator's score of one image per prompt, and the images."""
     images, start = [], time.perf_counter()
     for i in range(0, len(prompts), 50):
         chunk = prompts[i : i + 50]
         generators = [torch.Generator().manual_seed(seed + i + k) for k in range(len(chunk))]
         images += pipe(chunk, num_inference_steps=steps, guidance_scale=guidance, generator=generators).images
-    return evaluator.score(images, prompts) | {"seconds": time.perf_counter() - start}
+    return evaluator.score(images, prompts) | {"seconds": time.perf_counter() - start}, images
+
+
+def colour_by_size(evaluator: Evaluator, images, scenes) -> dict[str, dict]:
+    """Single-object scenes: per asked colour and size, how often the colour is read right, and the most common wrong
+    reading."""
+    table: dict[str, dict] = {}
+    for reading, scene in zip(evaluator.read(images), scenes, strict=True):
+        (obj,) = scene.objects
+        got = reading.objects.get(obj.position, {}).get("color", "none")
+        cell = table.setdefault(obj.color, {}).setdefault(obj.size, {"hits": [], "wrong": {}})
+        cell["hits"].append(got == obj.color)
+        if got != obj.color:
+            cell["wrong"][got] = cell["wrong"].get(got, 0) + 1
+    return {
+        colour: {
+            size: {"accuracy": float(np.mean(c["hits"])), "n": len(c["hits"]), "wrong": c["wrong"]}
+            for size, c in sizes.items()
+        }
+        for colour, sizes in table.items()
+    }
 
 
 def main() -> None:
@@ -79,10 +115,14 @@ def main() -> None:
     rows += [(f"single, {bg} background@5", prompts, 5.0) for bg, prompts in by_background.items()]
     rows += [("single@1", single, 1.0), ("double@1", double, 1.0)]
 
-    results: dict = {"evaluator_on_renders": evaluator_accuracy(evaluator, args.renders, args.seed + 1), "model": {}}
+    on_renders = evaluator_accuracy(pipe, evaluator, args.renders, args.seed + 1)
+    results: dict = {"evaluator_on_renders": on_renders["renders"], "vae_round_trip": on_renders["vae_round_trip"]}
+    results["model"] = {}
     for key, prompts, guidance in rows:
-        r = adherence(pipe, evaluator, prompts, guidance, args.steps, seed=args.seed * 1000)
+        r, images = adherence(pipe, evaluator, prompts, guidance, args.steps, seed=args.seed * 1000)
         results["model"][key] = r
+        if key == "single@5":
+            results["single_colour_by_size"] = colour_by_size(evaluator, images, scenes)
         print(key, json.dumps({k: round(v, 3) for k, v in r.items()}), flush=True)
 
     start = time.perf_counter()
@@ -128,6 +168,13 @@ def main() -> None:
         "|" + "---|" * len(ev),
         "| " + " | ".join(f"{v:.4f}" for v in ev.values()) + " |",
         "",
+        f"The first {min(args.renders, 1000)} of them through the VAE (encoded and decoded): the most any drawn image "
+        "can score.",
+        "",
+        "| " + " | ".join(results["vae_round_trip"]) + " |",
+        "|" + "---|" * len(results["vae_round_trip"]),
+        "| " + " | ".join(f"{v:.4f}" for v in results["vae_round_trip"].values()) + " |",
+        "",
         f"## {model_name}, {args.steps} DDIM steps, one seed per image",
         "",
         "Each column reads only what the prompts name: pattern and outline in the details row, the background in the"
@@ -142,6 +189,25 @@ def main() -> None:
         name, guidance = key.split("@")
         cols = " | ".join(f"{r[k]:.3f}" if k in r else "-" for k in columns)
         lines.append(f"| {name} | {guidance} | {r['n']} | {cols} | {r['seconds']:.0f} |")
+    by_size = results["single_colour_by_size"]
+    lines += [
+        "",
+        "Colour of the single-object images at guidance 5, per asked colour and size (accuracy, n, and the wrong "
+        "readings):",
+        "",
+        "| colour | " + " | ".join(SIZES) + " |",
+        "|---|" + "---|" * len(SIZES),
+    ]
+    for colour in (c for c in COLORS if c in by_size):
+        cells = [by_size[colour].get(size) for size in SIZES]
+        lines.append(
+            f"| {colour} | "
+            + " | ".join(
+                f"{c['accuracy']:.3f} ({c['n']}) " + ", ".join(f"{k} {v}" for k, v in c["wrong"].items()) if c else "-"
+                for c in cells
+            )
+            + " |"
+        )
     lines += [
         "",
         f"`genreg generate` with two prompts (load + generate, new process): {results['cli_generate_seconds']:.1f} s",

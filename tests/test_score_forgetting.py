@@ -157,6 +157,33 @@ def test_training_writes_a_one_step_pipeline_that_reproduces_the_generator(tmp_p
             one("a red circle", **bad)
 
 
+def test_a_run_can_start_from_an_earlier_runs_generator(tmp_path):
+    sid = train_sfd(pipe(), config(forget_weight=0.0), train(tmp_path, "sid", max_train_steps=1))
+    saved = OneStepPipeline.from_pretrained(sid).unet.state_dict()
+    objective = SFDObjective(pipe(), config(generator_init=str(sid)))
+    assert all(torch.equal(v, saved[k]) for k, v in objective.generator.state_dict().items())
+    teacher = pipe().unet.state_dict()
+    assert all(torch.equal(v, teacher[k]) for k, v in objective.fake.state_dict().items())  # psi: the teacher's
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"generator_init": "teacher"}, "is not a one-step generator"),
+        ({"sigma_init": 3.0}, "was distilled at t_init"),
+    ],
+)
+def test_a_generator_to_start_from_is_checked_before_any_work(tmp_path, changes, message):
+    sid = train_sfd(pipe(), config(forget_weight=0.0), train(tmp_path, "sid", max_train_steps=1))
+    changes = {"generator_init": str(sid)} | changes
+    if changes["generator_init"] == "teacher":
+        changes["generator_init"] = str(tmp_path / "teacher")
+        pipe().save_pretrained(tmp_path / "teacher")
+    with pytest.raises(ValueError, match=message):
+        train_sfd(pipe(), config(**changes), train(tmp_path))
+    assert not (tmp_path / "out").exists()
+
+
 def test_resume_equals_the_uninterrupted_run(tmp_path):
     full = OneStepPipeline.from_pretrained(train_sfd(pipe(), config(), train(tmp_path, "full", max_train_steps=3)))
     calls = {"n": 0}

@@ -32,6 +32,12 @@ class SFDConfig:
         "prompts whose images must not change: a text file or 'tinyworld' (captions without the concept)",
         place="hidden",
     )
+    generator_init: str = option(
+        "",
+        "start the generator from this one-step generator (the generator/ folder of an earlier run, e.g. SiD without "
+        "the forget branch) instead of the teacher, as the official SD run starts from a distilled SiD generator",
+        place="hidden",  # a server path
+    )
     alpha: float = option(1.0, "SiD's alpha (1.2 in the CIFAR-10 runs)", place="advanced")
     guidance_teacher: float = option(4.5, "CFG scale of the teacher in the generator loss", place="advanced")
     guidance_fake: float = option(4.5, "CFG scale of the fake score network in the generator loss", place="advanced")

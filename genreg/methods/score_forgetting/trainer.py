@@ -1,6 +1,6 @@
 """Score Forgetting Distillation on the shared training loop: per step one update of the fake score network psi, then
-one of the one-step generator theta (the official order), both initialised from the frozen teacher, from prompts
-alone. Forwards run on the unwrapped networks (psi's input gradient is needed in theta's step while its weights stay
+one of the one-step generator theta (the official order), both initialised from the frozen teacher (or theta from an
+earlier run's generator, ``generator_init``, as the official SD run starts it from SiD's), from prompts alone. Forwards run on the unwrapped networks (psi's input gradient is needed in theta's step while its weights stay
 out of it), and gradients are averaged over processes by hand, so two processes equal one with the global batch.
 """
 
@@ -35,6 +35,29 @@ def check_model(pipe) -> None:
         raise ValueError("Score Forgetting Distillation supports SD 1.x/2.x models (one text encoder), not SDXL yet")
 
 
+def initial_generator(folder: str, teacher: nn.Module, t_init: int) -> dict[str, torch.Tensor]:
+    """The UNet weights of the one-step generator saved in ``folder`` (a ``OneStepPipeline`` folder), checked against
+    the teacher's architecture and this run's t_init before any work."""
+    from diffusers import UNet2DConditionModel
+
+    index = Path(folder) / "model_index.json"
+    if not index.is_file() or json.loads(index.read_text()).get("_class_name") != "OneStepPipeline":
+        raise ValueError(
+            f"generator_init {folder} is not a one-step generator: give the generator/ folder an earlier run wrote"
+        )
+    saved = json.loads(index.read_text())["t_init"]
+    if saved != t_init:
+        raise ValueError(
+            f"generator_init {folder} was distilled at t_init {saved}, this run's sigma_init gives {t_init}: "
+            "use that run's --sigma_init"
+        )
+    weights = UNet2DConditionModel.from_pretrained(Path(folder) / "unet").state_dict()
+    expected = teacher.state_dict()
+    if weights.keys() != expected.keys() or any(weights[k].shape != v.shape for k, v in expected.items()):
+        raise ValueError(f"generator_init {folder} holds another architecture than the teacher's UNet")
+    return weights
+
+
 class SFDObjective(nn.Module):
     """The generator G and fake score network psi (trained), the teacher phi and text encoder (frozen)."""
 
@@ -44,11 +67,13 @@ class SFDObjective(nn.Module):
         self.teacher, self.text_encoder = pipe.unet, pipe.text_encoder
         for module in (self.teacher, self.text_encoder, pipe.vae):
             module.requires_grad_(False)
-        self.generator = copy.deepcopy(self.teacher).requires_grad_(True)
-        self.fake = copy.deepcopy(self.teacher).requires_grad_(True)
         self.t_min, self.t_init, self.t_max = (
             timestep_of_sigma(pipe.scheduler, s) for s in (config.sigma_min, config.sigma_init, config.sigma_max)
         )
+        self.generator = copy.deepcopy(self.teacher).requires_grad_(True)
+        if config.generator_init:
+            self.generator.load_state_dict(initial_generator(config.generator_init, self.teacher, self.t_init))
+        self.fake = copy.deepcopy(self.teacher).requires_grad_(True)
         side = pipe.unet.config.sample_size
         self.latent_shape = (pipe.unet.config.in_channels, *((side, side) if isinstance(side, int) else side))
 

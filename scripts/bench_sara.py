@@ -13,7 +13,9 @@ Each row trains in its own process, so its peak memory (CPU RSS, and CUDA's peak
 the result is saved in the method's format, loaded into a fresh plain diffusers pipeline with the standard loader
 (``genreg.methods.sara.load_into``, ``load_lora_weights``, ``UNet2DConditionModel.from_pretrained``) and scored:
 new-value accuracy (the evaluator reads the concept on prompts that name it in combinations the kit does not hold)
-and the retained all-correct rate on standard single-object prompts. Writes bench/results/<--name>.{json,md}.
+and the retained all-correct rate on standard single-object prompts. ``--train_seeds 0 1 2`` trains every row once per
+seed (same kit, prompts and image seeds) and reports each score's mean and range: one training run moves the scores
+by several points. Writes bench/results/<--name>.{json,md}.
 """
 
 from __future__ import annotations

@@ -27,6 +27,7 @@ import json
 import random
 import shlex
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -189,11 +190,13 @@ SCORES = ("new_value", "new_all_correct", "retained_all_correct")
 
 
 def mean_over_seeds(runs: list[dict]) -> dict:
-    """One row from its training runs (one per seed): the scores' means, each run's scores under ``runs``, and the
-    first run's cost figures (time, memory and size do not depend on the seed)."""
+    """One row from its training runs (one per seed): the scores' means, each run's scores and time per step under
+    ``runs``, the median time per step, and the first run's memory and size (they do not depend on the seed)."""
     row = runs[0] | {name: sum(r[name] for r in runs) / len(runs) for name in SCORES}
     if len(runs) > 1:
-        row["runs"] = [{k: r[k] for k in (*SCORES, "seed")} for r in runs]
+        row["runs"] = [{k: r[k] for k in (*SCORES, "seed", "seconds_per_step") if k in r} for r in runs]
+        if "seconds_per_step" in row:
+            row["seconds_per_step"] = statistics.median(r["seconds_per_step"] for r in runs)
     return row
 
 

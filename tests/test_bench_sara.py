@@ -36,11 +36,12 @@ def test_rows_trained_with_several_seeds_report_the_mean_and_range():
 
     runs = [
         {"new_value": 0.2, "new_all_correct": 0.1, "retained_all_correct": 0.9, "seconds_per_step": 0.3, "seed": 0},
-        {"new_value": 0.4, "new_all_correct": 0.3, "retained_all_correct": 0.8, "seconds_per_step": 0.5, "seed": 1},
+        {"new_value": 0.4, "new_all_correct": 0.3, "retained_all_correct": 0.8, "seconds_per_step": 0.9, "seed": 1},
+        {"new_value": 0.3, "new_all_correct": 0.2, "retained_all_correct": 0.85, "seconds_per_step": 0.5, "seed": 2},
     ]
     row = mean_over_seeds(runs)
     assert row["new_value"] == pytest.approx(0.3) and row["retained_all_correct"] == pytest.approx(0.85)
-    assert row["seconds_per_step"] == 0.3 and [r["seed"] for r in row["runs"]] == [0, 1]
+    assert row["seconds_per_step"] == 0.5 and [r["seed"] for r in row["runs"]] == [0, 1, 2]
     assert cell(row, "new_value") == "0.300 (0.200-0.400)"
     single = mean_over_seeds(runs[:1])
     assert "runs" not in single and cell(single, "new_value") == "0.200"

@@ -1,7 +1,8 @@
 """Score Forgetting Distillation on the shared training loop: per step one update of the fake score network psi, then
 one of the one-step generator theta (the official order), both initialised from the frozen teacher (or theta from an
-earlier run's generator, ``generator_init``, as the official SD run starts it from SiD's), from prompts alone. Forwards run on the unwrapped networks (psi's input gradient is needed in theta's step while its weights stay
-out of it), and gradients are averaged over processes by hand, so two processes equal one with the global batch.
+earlier run's generator, ``generator_init``, as the official SD run starts it from SiD's), from prompts alone.
+Forwards run on the unwrapped networks (psi's input gradient is needed in theta's step while its weights stay out of
+it), and gradients are averaged over processes by hand, so two processes equal one with the global batch.
 """
 
 from __future__ import annotations

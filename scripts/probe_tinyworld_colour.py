@@ -22,6 +22,7 @@ import sys
 from pathlib import Path
 
 import torch
+from bench_tinyworld import colour_by_size  # this folder's benchmark: the same reading
 
 from genreg import load_pipeline
 from genreg.sd import decode_latents, encode_image
@@ -50,23 +51,6 @@ def scenes_of(colour: str, n: int, seed: int) -> list[Scene]:
         )
         for i in range(n)
     ]
-
-
-def readings(evaluator: Evaluator, images, scenes: list[Scene]) -> dict[str, dict]:
-    """Per size: the share of objects read with their colour, and the wrong readings."""
-    out: dict[str, dict] = {}
-    for reading, scene in zip(evaluator.read(images), scenes, strict=True):
-        (obj,) = scene.objects
-        got = reading.objects.get(obj.position, {}).get("color", "none")
-        cell = out.setdefault(obj.size, {"right": 0, "n": 0, "wrong": collections.Counter()})
-        cell["n"] += 1
-        cell["right"] += got == obj.color
-        if got != obj.color:
-            cell["wrong"][got] += 1
-    return {
-        size: {"accuracy": c["right"] / c["n"], "n": c["n"], "wrong": dict(c["wrong"].most_common())}
-        for size, c in out.items()
-    }
 
 
 def draw(pipe, conditions: torch.Tensor, seed: int, steps: int = 25, guidance: float = 5.0) -> list:
@@ -103,17 +87,17 @@ def main() -> None:
         encoded = {colour: encode(colour) for colour in COLORS if colour not in HELD_OUT["color"]}
         renders = [render(s)[0] for s in scenes]
         trips = decode_latents(pipe, encode_image(pipe, renders))
-    rows = {"VAE round trip of renders": readings(evaluator, trips, scenes)}
+    rows = {"VAE round trip of renders": colour_by_size(evaluator, trips, scenes)[args.colour]}
     for steps, guidance in ((25, 5.0), (50, 5.0), (25, 2.0), (25, 9.0)):
         images = draw(pipe, encoded[args.colour], args.seed, steps, guidance)
-        rows[f"{steps} steps, guidance {guidance:g}"] = readings(evaluator, images, scenes)
+        rows[f"{steps} steps, guidance {guidance:g}"] = colour_by_size(evaluator, images, scenes)[args.colour]
     c = encoded[args.colour]
     away = c - sum(encoded[n] for n in NEIGHBOURS[args.colour]) / len(NEIGHBOURS[args.colour])
     for k in (0.5, 1.0):
         images = draw(pipe, c + k * away, args.seed)
-        rows[f"encoding pushed from {' and '.join(NEIGHBOURS[args.colour])}, k = {k:g}"] = readings(
+        rows[f"encoding pushed from {' and '.join(NEIGHBOURS[args.colour])}, k = {k:g}"] = colour_by_size(
             evaluator, images, scenes
-        )
+        )[args.colour]
     names = list(encoded)
     distances = {a: {b: float((encoded[a] - encoded[b]).flatten(1).norm(dim=1).mean()) for b in names} for a in names}
 

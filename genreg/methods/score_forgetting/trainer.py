@@ -42,11 +42,12 @@ def initial_generator(folder: str, teacher: nn.Module, t_init: int) -> dict[str,
     from diffusers import UNet2DConditionModel
 
     index = Path(folder) / "model_index.json"
-    if not index.is_file() or json.loads(index.read_text()).get("_class_name") != "OneStepPipeline":
+    config = json.loads(index.read_text()) if index.is_file() else {}
+    if config.get("_class_name") != "OneStepPipeline":
         raise ValueError(
             f"generator_init {folder} is not a one-step generator: give the generator/ folder an earlier run wrote"
         )
-    saved = json.loads(index.read_text())["t_init"]
+    saved = config["t_init"]
     if saved != t_init:
         raise ValueError(
             f"generator_init {folder} was distilled at t_init {saved}, this run's sigma_init gives {t_init}: "

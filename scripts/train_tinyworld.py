@@ -36,13 +36,15 @@ import os
 import random
 import shutil
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from diffusers import AutoencoderKL, StableDiffusionPipeline
+from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
 from safetensors.torch import load_file, save_file
+from transformers import CLIPTextModel
 
 from genreg.io import atomic_write, atomic_write_text
 from genreg.sd import to_space
@@ -58,7 +60,7 @@ from genreg.tinyworld.architecture import (
 )
 from genreg.tinyworld.evaluator import Evaluator, EvaluatorNet, evaluator_loss, scene_targets
 from genreg.tinyworld.render import render_many
-from genreg.tinyworld.world import Scene, caption, sample_scene, scene_prompt
+from genreg.tinyworld.world import OBJECT_ATTRIBUTES, Scene, caption, sample_scene, scene_prompt
 from genreg.training import flatten_optimizer_state, unflatten_optimizer_state
 
 
@@ -258,7 +260,10 @@ def train_denoiser(args, latents: torch.Tensor, scenes: list[Scene], vae, evalua
     tokenizer = build_tokenizer()
     unet_layout = {"widths": args.unet_widths, "attention": args.unet_attention, "heads": args.unet_heads}
     unet, text_encoder = build_unet(**unet_layout), build_text_encoder(len(tokenizer))
-    if args.unet_init == "zero_residual":
+    if args.init_model is not None:  # go on from a trained model (its layout must be this run's)
+        unet.load_state_dict(UNet2DConditionModel.from_pretrained(args.init_model / "unet").state_dict())
+        text_encoder.load_state_dict(CLIPTextModel.from_pretrained(args.init_model / "text_encoder").state_dict())
+    elif args.unet_init == "zero_residual":
         zero_residual_outputs(unet)
     scheduler = build_scheduler(args.prediction_type)
     models = torch.nn.ModuleDict({"unet": unet, "text_encoder": text_encoder}).to(device)
@@ -276,6 +281,9 @@ def train_denoiser(args, latents: torch.Tensor, scenes: list[Scene], vae, evalua
         setup["unet_heads"] = list(unet.config.attention_head_dim)
     if args.caption_detail_p:  # recorded only when set, so first-model checkpoints still resume with 0
         setup["caption_detail_p"] = args.caption_detail_p
+    for name in ("init_model", "focus", "focus_weight"):  # recorded only when set, as above
+        if getattr(args, name):
+            setup[name] = str(getattr(args, name))
     if (ckpt / "state.json").exists():
         meta = json.loads((ckpt / "state.json").read_text())
         if meta.get("setup", setup) != setup:
@@ -318,10 +326,21 @@ def train_denoiser(args, latents: torch.Tensor, scenes: list[Scene], vae, evalua
             requires_safety_checker=False,
         ).to(device)
 
+    weights = focus_weights(scenes, args.focus, args.focus_weight)
+    if args.focus:
+        log(
+            f"{(weights > 1).float().mean().item():.1%} of the training scenes hold a focus object,"
+            f" drawn x{args.focus_weight}"
+        )
     t0 = time.time()
     while step < args.unet_steps:
         layout = step >= args.layout_from_step
-        idx = torch.randint(0, len(latents), (args.batch_size if layout else args.shapes_batch_size,))
+        batch = args.batch_size if layout else args.shapes_batch_size
+        idx = (
+            torch.multinomial(weights, batch, replacement=True)
+            if args.focus
+            else torch.randint(0, len(latents), (batch,))
+        )
         background_p = args.caption_background_p if layout else 0.45
         texts = [
             "" if rng.random() < 0.1 else caption(scenes[i], rng, background_p, args.caption_detail_p)
@@ -386,6 +405,25 @@ def train_denoiser(args, latents: torch.Tensor, scenes: list[Scene], vae, evalua
     ema.update(load_file(str(work / "best_ema.safetensors")))
     log(f"best EMA model: step {best['step']} all_correct {best['score']:.3f}")
     return ema_pipeline().to("cpu"), best
+
+
+def focus_weights(scenes: list[Scene], focus: list[str], weight: float) -> torch.Tensor:
+    """Sampling weight per training scene: ``weight`` for a scene holding an object that matches one of ``focus``
+    ("small orange": every word is one of the object's values), 1 otherwise."""
+    wanted = [set(phrase.split()) for phrase in focus]
+    values = [[set(asdict(o).values()) for o in scene.objects] for scene in scenes]
+    return torch.tensor([weight if any(w <= v for w in wanted for v in objs) else 1.0 for objs in values])
+
+
+def focus_phrase(text: str) -> str:
+    """argparse type of --focus: words that are values of a tiny-world object."""
+    known = {v for values in OBJECT_ATTRIBUTES.values() for v in values}
+    unknown = [w for w in text.split() if w not in known]
+    if unknown or not text.split():
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: a focus names an object's values, e.g. 'small orange' (not {', '.join(unknown) or 'nothing'})"
+        )
+    return text
 
 
 def int_list(text: str) -> tuple[int, ...]:
@@ -461,6 +499,21 @@ def main() -> None:
         default="channel",
         help="channel: standardise each latent channel, folded into the VAE; global: one scaling factor (SD's way)",
     )
+    p.add_argument(
+        "--init_model",
+        type=Path,
+        default=None,
+        help="start the UNet and text encoder from this diffusers model (e.g. the bundled one), not from scratch;"
+        " put its VAE and the evaluator into --work_dir first, so the latents are its own",
+    )
+    p.add_argument(
+        "--focus",
+        type=focus_phrase,
+        nargs="*",
+        default=[],
+        help="objects drawn more often in training, each as its values (e.g. 'small orange' 'small yellow')",
+    )
+    p.add_argument("--focus_weight", type=float, default=3.0, help="sampling weight of a scene holding a focus object")
     p.add_argument("--ema_decay", type=float, default=0.999)
     p.add_argument("--eval_every", type=int, default=2750)
     p.add_argument("--eval_prompts", type=int, default=200, help="prompts sampled at each evaluation (70%% single)")
@@ -475,6 +528,10 @@ def main() -> None:
     if not len(args.unet_widths) == len(args.unet_attention) == len(args.unet_heads):
         p.error("--unet_widths, --unet_attention and --unet_heads give one value per level each")
     args.unet_attention = tuple(bool(a) for a in args.unet_attention)
+    if args.focus_weight <= 0:
+        p.error(f"--focus_weight is a sampling weight, above 0; got {args.focus_weight}")
+    if args.init_model is not None and not (args.init_model / "unet" / "config.json").exists():
+        p.error(f"--init_model {args.init_model} is not a diffusers model folder (no unet/config.json)")
     if args.shapes_batch_size is None:
         args.shapes_batch_size = args.batch_size
     if min(args.batch_size, args.shapes_batch_size) < 1:

@@ -184,6 +184,17 @@ def test_a_generator_to_start_from_is_checked_before_any_work(tmp_path, changes,
     assert not (tmp_path / "out").exists()
 
 
+def test_a_generator_of_another_architecture_than_the_teacher_is_refused(tmp_path):
+    from diffusers import UNet2DConditionModel
+
+    sid = train_sfd(pipe(), config(forget_weight=0.0), train(tmp_path, "sid", max_train_steps=1))
+    deeper = pipe()
+    deeper.unet = UNet2DConditionModel.from_config({**deeper.unet.config, "layers_per_block": 2})
+    with pytest.raises(ValueError, match="holds another architecture than the teacher's UNet"):
+        train_sfd(deeper, config(generator_init=str(sid)), train(tmp_path))
+    assert not (tmp_path / "out").exists()
+
+
 def test_resume_equals_the_uninterrupted_run(tmp_path):
     full = OneStepPipeline.from_pretrained(train_sfd(pipe(), config(), train(tmp_path, "full", max_train_steps=3)))
     calls = {"n": 0}
@@ -224,3 +235,10 @@ def test_two_cpu_processes_reach_the_single_process_generator(tmp_path):
     b = OneStepPipeline.from_pretrained(tmp_path / "two" / "generator").unet.state_dict()
     for name in a:
         torch.testing.assert_close(a[name], b[name], atol=1e-5, rtol=1e-5)
+
+
+def test_the_benchmark_refuses_a_two_stage_row_listed_before_sid(tmp_path):
+    cmd = [sys.executable, "scripts/bench_sfd.py", "--rows", "sfd-two-stage", "sid", "--work_dir", str(tmp_path / "w")]
+    run = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    assert run.returncode == 2 and "list sid before it" in run.stderr
+    assert not (tmp_path / "w").exists()

@@ -144,6 +144,9 @@ def test_standardised_latent_channels_are_the_same_autoencoder():
         (["--evaluator_reconstructions", "-1"], "--evaluator_reconstructions counts images"),
         (["--shapes_batch_size", "0"], "batch sizes are 1 or more"),
         (["--unet_widths", "32,64", "--unet_attention", "1,1,1"], "one value per level each"),
+        (["--focus", "small teal"], "not teal"),
+        (["--focus_weight", "0"], "--focus_weight is a sampling weight"),
+        (["--init_model", "no/such/model"], "is not a diffusers model folder"),
     ],
 )
 def test_bad_arguments_are_refused_before_any_work(tmp_path, bad, message):
@@ -151,3 +154,20 @@ def test_bad_arguments_are_refused_before_any_work(tmp_path, bad, message):
     run = subprocess.run([*cmd, *bad], capture_output=True, text=True)
     assert run.returncode == 2 and message in run.stderr
     assert not (tmp_path / "work").exists()
+
+
+def test_focus_weights_draw_the_scenes_holding_a_focus_object_more_often():
+    sys.path.insert(0, "scripts")
+    from train_tinyworld import focus_weights
+
+    from genreg.tinyworld.world import Obj, Scene
+
+    scenes = [
+        Scene((Obj("circle", "orange", "small", "left"),)),
+        Scene((Obj("circle", "orange", "large", "left"),)),  # large: not a focus
+        Scene((Obj("star", "blue", "large", "top"), Obj("square", "yellow", "small", "bottom"))),  # either object
+        Scene((Obj("star", "blue", "small", "top"),)),
+    ]
+    weights = focus_weights(scenes, ["small orange", "small yellow"], 3.0)
+    assert weights.tolist() == [3.0, 1.0, 3.0, 1.0]
+    assert focus_weights(scenes, [], 3.0).tolist() == [1.0] * 4

@@ -62,23 +62,42 @@ def adherence(pipe, evaluator: Evaluator, prompts: list[str], guidance: float, s
 
 
 def colour_by_size(evaluator: Evaluator, images, scenes) -> dict[str, dict]:
-    """Single-object scenes: per asked colour and size, how often the colour is read right, and the most common wrong
-    reading."""
+    """Per asked colour and size, over every object, how often the colour is read right at the object's place, the
+    wrong readings, and how many of those are the other object's colour (two-object scenes: a binding error)."""
     table: dict[str, dict] = {}
     for reading, scene in zip(evaluator.read(images), scenes, strict=True):
-        (obj,) = scene.objects
-        got = reading.objects.get(obj.position, {}).get("color", "none")
-        cell = table.setdefault(obj.color, {}).setdefault(obj.size, {"hits": [], "wrong": {}})
-        cell["hits"].append(got == obj.color)
-        if got != obj.color:
-            cell["wrong"][got] = cell["wrong"].get(got, 0) + 1
+        for obj in scene.objects:
+            got = reading.objects.get(obj.position, {}).get("color", "none")
+            cell = table.setdefault(obj.color, {}).setdefault(obj.size, {"hits": [], "wrong": {}, "other": 0})
+            cell["hits"].append(got == obj.color)
+            if got != obj.color:
+                cell["wrong"][got] = cell["wrong"].get(got, 0) + 1
+                cell["other"] += any(got == o.color for o in scene.objects if o is not obj)
     return {
         colour: {
-            size: {"accuracy": float(np.mean(c["hits"])), "n": len(c["hits"]), "wrong": c["wrong"]}
+            size: {
+                "accuracy": float(np.mean(c["hits"])),
+                "n": len(c["hits"]),
+                "wrong": c["wrong"],
+                "other": c["other"],
+            }
             for size, c in sizes.items()
         }
         for colour, sizes in table.items()
     }
+
+
+def colour_table(by_size: dict[str, dict]) -> list[str]:
+    """colour_by_size as markdown rows: accuracy (n) and the wrong readings, per colour and size."""
+    lines = ["| colour | " + " | ".join(SIZES) + " |", "|---|" + "---|" * len(SIZES)]
+    for colour in (c for c in COLORS if c in by_size):
+        cells = []
+        for c in (by_size[colour].get(size) for size in SIZES):
+            wrong = ", ".join(f"{k} {v}" for k, v in c["wrong"].items()) if c else ""
+            other = f" ({c['other']} the other object's)" if c and c["other"] else ""
+            cells.append(f"{c['accuracy']:.3f} ({c['n']}) {wrong}{other}" if c else "-")
+        lines.append(f"| {colour} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def main() -> None:
@@ -105,12 +124,13 @@ def main() -> None:
     rng = random.Random(args.seed)
     scenes = [sample_scene(rng, 1) for _ in range(args.single)]
     single = [scene_prompt(s) for s in scenes]
-    double = [scene_prompt(sample_scene(rng, 2)) for _ in range(args.double)]
     # The same single-object scenes with details named, and with the background named (one row per background).
     details = [scene_prompt(s, details=True) for s in scenes]
     by_background = {
         bg: [scene_prompt(s, background=True) for s in scenes if s.background == bg] for bg in BACKGROUNDS
     }
+    double_scenes = [sample_scene(rng, 2) for _ in range(args.double)]
+    double = [scene_prompt(s) for s in double_scenes]
     rows = [("single@5", single, 5.0), ("double@5", double, 5.0), ("single, details named@5", details, 5.0)]
     rows += [(f"single, {bg} background@5", prompts, 5.0) for bg, prompts in by_background.items()]
     rows += [("single@1", single, 1.0), ("double@1", double, 1.0)]
@@ -121,8 +141,9 @@ def main() -> None:
     for key, prompts, guidance in rows:
         r, images = adherence(pipe, evaluator, prompts, guidance, args.steps, seed=args.seed * 1000)
         results["model"][key] = r
-        if key == "single@5":
-            results["single_colour_by_size"] = colour_by_size(evaluator, images, scenes)
+        if key in ("single@5", "double@5"):
+            by_size = colour_by_size(evaluator, images, scenes if key == "single@5" else double_scenes)
+            results[f"{key.split('@')[0]}_colour_by_size"] = by_size
         print(key, json.dumps({k: round(v, 3) for k, v in r.items()}), flush=True)
 
     start = time.perf_counter()
@@ -189,25 +210,16 @@ def main() -> None:
         name, guidance = key.split("@")
         cols = " | ".join(f"{r[k]:.3f}" if k in r else "-" for k in columns)
         lines.append(f"| {name} | {guidance} | {r['n']} | {cols} | {r['seconds']:.0f} |")
-    by_size = results["single_colour_by_size"]
     lines += [
         "",
-        "Colour of the single-object images at guidance 5, per asked colour and size (accuracy, n, and the wrong "
-        "readings):",
-        "",
-        "| colour | " + " | ".join(SIZES) + " |",
-        "|---|" + "---|" * len(SIZES),
+        "Colour of the single-object images at guidance 5, per asked colour and size (accuracy, n, and the wrong",
     ]
-    for colour in (c for c in COLORS if c in by_size):
-        cells = [by_size[colour].get(size) for size in SIZES]
-        lines.append(
-            f"| {colour} | "
-            + " | ".join(
-                f"{c['accuracy']:.3f} ({c['n']}) " + ", ".join(f"{k} {v}" for k, v in c["wrong"].items()) if c else "-"
-                for c in cells
-            )
-            + " |"
-        )
+    lines += ["readings):", "", *colour_table(results["single_colour_by_size"])]
+    lines += [
+        "",
+        "The same for every object of the two-object images at guidance 5 (a reading that is the other object's",
+    ]
+    lines += ["colour is a binding error):", "", *colour_table(results["double_colour_by_size"])]
     lines += [
         "",
         f"`genreg generate` with two prompts (load + generate, new process): {results['cli_generate_seconds']:.1f} s",

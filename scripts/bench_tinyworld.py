@@ -210,16 +210,10 @@ def main() -> None:
         name, guidance = key.split("@")
         cols = " | ".join(f"{r[k]:.3f}" if k in r else "-" for k in columns)
         lines.append(f"| {name} | {guidance} | {r['n']} | {cols} | {r['seconds']:.0f} |")
-    lines += [
-        "",
-        "Colour of the single-object images at guidance 5, per asked colour and size (accuracy, n, and the wrong",
-    ]
-    lines += ["readings):", "", *colour_table(results["single_colour_by_size"])]
-    lines += [
-        "",
-        "The same for every object of the two-object images at guidance 5 (a reading that is the other object's",
-    ]
-    lines += ["colour is a binding error):", "", *colour_table(results["double_colour_by_size"])]
+    for kind, note in (("single", "the single-object images"), ("double", "every object of the two-object images")):
+        lines += ["", f"Colour of {note} at guidance 5, per asked colour and size (accuracy, n, wrong readings;"]
+        lines += ["a reading that is the other object's colour is a binding error):", ""]
+        lines += colour_table(results[f"{kind}_colour_by_size"])
     lines += [
         "",
         f"`genreg generate` with two prompts (load + generate, new process): {results['cli_generate_seconds']:.1f} s",

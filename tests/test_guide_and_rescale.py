@@ -592,6 +592,21 @@ def test_the_benchmark_reads_gar_variants_in_the_cli_flags_and_refuses_bad_ones(
             bench.gar_variant(spec_text)
 
 
+def test_the_benchmarks_bar_is_the_restated_one():
+    bench = load_bench()
+    rows = {
+        "DDIM inversion + CFG": {"success": 0.95, "preserved": 0.60},
+        "SDEdit, strength 0.75": {"success": 0.99, "preserved": 0.40},
+        "GaR local": {"success": 0.96, "preserved": 0.76},
+    }
+    named = dict(bench.criteria(rows, "GaR local", ceiling=0.94, named=True, drawn_kept=3))
+    assert list(named.values()) == [True, True, True, False, True]  # 76% >= 80% of 94%; SDEdit succeeds more
+    unnamed = bench.criteria(rows, "GaR local", ceiling=0.94, named=False, drawn_kept=2)
+    assert "60% of the ceiling 94.0% (56.4%)" in unnamed[1][0] and not unnamed[-1][1]
+    rows["GaR local"]["preserved"] = 0.74  # not 15 points above inversion + CFG, below 80% of the ceiling
+    assert [ok for _, ok in bench.criteria(rows, "GaR local", 0.94, True, 4)] == [True, False, False, False, True]
+
+
 @pytest.mark.parametrize("name", ["", "../elsewhere", "sub/dir"])
 def test_the_benchmark_refuses_a_results_name_that_is_not_a_file_stem(tmp_path, name):
     import subprocess

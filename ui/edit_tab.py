@@ -131,7 +131,7 @@ def build(ws: Workspace, methods: list[Method], stop_button: StopButton) -> None
             )
             pick = gr.Dropdown(choices=list(examples), value=None, label="…or pick a rendered tiny-world scene")
             with gr.Row(equal_height=True):
-                seed = gr.Number(0, precision=0, label="Random scene seed", min_width=100)
+                seed = gr.Number(0, precision=0, label="Random scene seed", min_width=100, elem_id="edit-seed")
                 shuffle = gr.Button("Random scene", elem_id="edit-random", min_width=100)
             form = MethodForm(methods, lambda m: (m.config, *([m.settings] if m.settings else [])), prefix="edit")
             form.area("main")

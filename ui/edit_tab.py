@@ -142,8 +142,12 @@ def build(ws: Workspace, methods: list[Method], stop_button: StopButton) -> None
                 stop_button()
         with gr.Column(scale=3):
             with gr.Row():
-                before = gr.Image(label="Before", format="png", interactive=False, elem_id="edit-before")
-                after = gr.Image(label="After", format="png", interactive=False, elem_id="edit-after")
+                before = gr.Image(
+                    label="Before", format="png", interactive=False, elem_id="edit-before", elem_classes="pixelated"
+                )
+                after = gr.Image(
+                    label="After", format="png", interactive=False, elem_id="edit-after", elem_classes="pixelated"
+                )
             summary = gr.Markdown(elem_id="edit-report")
             file = gr.File(label="Download the edited image (full resolution)", interactive=False)
     form.follow_picker()

@@ -235,7 +235,11 @@ class MethodForm:
                     self.union.setdefault(f.name, (cls, f))
         self.fields: dict[str, gr.Component] = {}
         self.picker = gr.Radio(
-            [(m.title, m.name) for m in methods], value=self.first.name, label="Method", visible=len(methods) > 1
+            [(m.title, m.name) for m in methods],
+            value=self.first.name,
+            label="Method",
+            visible=len(methods) > 1,
+            elem_id=f"{prefix}-method",
         )
         self.help = gr.Markdown(help_line(self.first))
 

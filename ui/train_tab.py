@@ -92,6 +92,7 @@ def build(ws: Workspace, methods: list[Method], stop_button: StopButton) -> None
                 label="Subject kit",
                 info="rendered references of one object whose fill pattern and outline no word names",
                 visible=kit,
+                elem_id="pers-subject",
             )
             preview = gr.Gallery(
                 kit_images(subject.name), label="Kit references", columns=4, height=160, format="png", visible=kit

@@ -1,6 +1,7 @@
 """Benchmarks SaRA against LoRA (peft, attention projections) and full fine-tuning on a tiny-world concept kit.
 
     python scripts/bench_sara.py [--concept checkered] [--steps 400] [--batch_size 8] [--rows base sara lora:3e-4 ...]
+    python scripts/bench_sara.py --sd15_memory --batch_size 1 --memory_steps 2   # memory at SD 1.5's size
 
 Task: teach the bundled model a held-out value (``genreg.tinyworld.concepts``: renders whose captions name it) at
 equal steps, batch and data for every row. Rows: the untouched model; SaRA with its threshold set so that it trains
@@ -34,6 +35,7 @@ import time
 from pathlib import Path
 
 import torch
+from diffusers import StableDiffusionPipeline
 
 from genreg import load_pipeline
 from genreg.diffusion import FineTuneObjective
@@ -56,8 +58,17 @@ LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 LORA_WEIGHTS = tuple(f"*.{name}.weight" for name in LORA_TARGETS)  # the weights LoRA adapts, as SaRA targets
 
 
+SD15 = "sd15-random"  # --sd15_memory's model: SD 1.5's architecture with seeded random weights
+
+
 def fresh(model: str, device: str):
-    pipe = load_pipeline(model, device=device, dtype=torch.float32)
+    if model == SD15:
+        from bench_gpu_sd15 import sd15_components  # a sibling script: SD 1.5-size random components
+
+        torch.manual_seed(0)  # the same weights in every process, so the rows' thresholds select the same entries
+        pipe = StableDiffusionPipeline(**sd15_components()).to(device)
+    else:
+        pipe = load_pipeline(model, device=device, dtype=torch.float32)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -259,6 +270,12 @@ def main() -> None:
         "--memory_only", action="store_true", help="measure the trained rows' peak memory again (<name>.json's run)"
     )
     p.add_argument("--memory_steps", type=int, default=10, help="training steps of a --memory_only measurement")
+    p.add_argument(
+        "--sd15_memory",
+        action="store_true",
+        help="SaRA's and LoRA's training memory at SD 1.5's size (random weights; with --batch_size 1 --memory_steps "
+        "2 on a CPU)",
+    )
     p.add_argument("--kit", help=argparse.SUPPRESS)
     p.add_argument("--row", help=argparse.SUPPRESS)  # internal: train one row in this process
     args = p.parse_args()
@@ -268,6 +285,8 @@ def main() -> None:
 
     if args.memory_only:
         return measure_memory(args)
+    if args.sd15_memory:
+        return measure_sd15(args)
     work = Path(args.work_dir)
     kit = write_concept_kit(args.concept, work / "kit", n=args.kit_size, seed=args.seed)
     count = lora_count(args.model, args.lora_rank)
@@ -327,25 +346,68 @@ def measure_memory(args) -> None:
     kit = write_concept_kit(args.concept, Path(args.work_dir) / "kit", n=args.kit_size, seed=args.seed)
     rows = earlier["rows"]
     for name, row in rows.items():
-        out = Path(args.work_dir) / "memory" / name.replace(":", "-lr")
-        spec = row_spec(args, name, earlier["threshold"], out) | {"seed": args.seed}
-        if spec["method"] == "base":
-            continue
-        command = [sys.executable, __file__, "--model", args.model, "--batch_size", str(args.batch_size)]
-        command += ["--steps", str(args.memory_steps), "--lora_rank", str(args.lora_rank), "--seed", str(args.seed)]
-        command += ["--kit", str(kit), "--row"]
-        # Resident memory first, then the tensors in a profiled process (the profiler's own records take memory);
-        # each into an empty folder, as a trainer refuses one that holds another run's checkpoints.
-        shutil.rmtree(out, ignore_errors=True)
-        subprocess.run([*command, json.dumps(spec)], check=True)
-        measured = json.loads((out / "row.json").read_text())
-        shutil.rmtree(out)
-        subprocess.run([*command, json.dumps(spec | {"profile": True})], check=True)
-        measured["peak_tensor_mib"] = json.loads((out / "row.json").read_text())["peak_tensor_mib"]
-        row |= {k: measured[k] for k in ("peak_rss_mib", "peak_rss_above_loaded_mib", "peak_tensor_mib")}
-        print(name, row["peak_rss_mib"], row["peak_tensor_mib"], flush=True)
+        spec = row_spec(args, name, earlier["threshold"], Path(args.work_dir) / "memory" / name.replace(":", "-lr"))
+        if spec["method"] != "base":
+            measured = memory_run(args, spec | {"seed": args.seed}, kit)
+            row |= {k: measured[k] for k in ("peak_rss_mib", "peak_rss_above_loaded_mib", "peak_tensor_mib")}
+            print(name, row["peak_rss_mib"], row["peak_tensor_mib"], flush=True)
     memory = f"peak memory measured again over {args.memory_steps} steps per row: `--memory_only`"
     write_results(args, rows, earlier["threshold"], earlier["lora_trainable"], earlier["command"], memory)
+
+
+def memory_run(args, spec: dict, kit: Path) -> dict:
+    """Row ``spec`` trained for --memory_steps steps in a process of its own, twice: for its resident memory, then
+    for its live tensors in a profiled process (the profiler's own records take memory); its row.json figures."""
+    out = Path(spec["out"])
+    command = [sys.executable, __file__, "--model", args.model, "--batch_size", str(args.batch_size)]
+    command += ["--steps", str(args.memory_steps), "--lora_rank", str(args.lora_rank), "--seed", str(args.seed)]
+    command += ["--kit", str(kit), "--row"]
+    shutil.rmtree(out, ignore_errors=True)  # an empty folder: a trainer refuses one with another run's checkpoints
+    subprocess.run([*command, json.dumps(spec)], check=True)
+    measured = json.loads((out / "row.json").read_text())
+    shutil.rmtree(out)
+    subprocess.run([*command, json.dumps(spec | {"profile": True})], check=True)
+    return measured | {"peak_tensor_mib": json.loads((out / "row.json").read_text())["peak_tensor_mib"]}
+
+
+def measure_sd15(args) -> None:
+    """SaRA (every UNet tensor) and LoRA (attention projections) at SD 1.5's size with as many trainable weights,
+    random weights, --memory_steps steps at --batch_size on the kit (upscaled to 512 px): peak memory and time per
+    step of each, in processes of their own. Writes bench/results/sara_sd15_memory.{json,md}."""
+    args.model = SD15
+    kit = write_concept_kit(args.concept, Path(args.work_dir) / "kit", n=args.kit_size, seed=args.seed)
+    count = lora_count(SD15, args.lora_rank)
+    threshold = matching_threshold(SD15, count)
+    rows = {}
+    for name in ("sara", "lora"):
+        spec = row_spec(args, name, threshold, Path(args.work_dir) / "sd15" / name) | {"seed": args.seed}
+        rows[name] = memory_run(args, spec, kit)
+        print(name, rows[name], flush=True)
+    command = shlex.join(["python", "scripts/bench_sara.py", *sys.argv[1:]])
+    device = "CUDA" if torch.cuda.is_available() else "CPU"
+    result = {"command": command, "device": device, "threshold": threshold, "lora_trainable": count, "rows": rows}
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "sara_sd15_memory.json").write_text(json.dumps(result, indent=2))
+    lines = [
+        "# SaRA vs LoRA: training memory at Stable Diffusion 1.5's size (random weights)",
+        "",
+        f"`{command}`; {device}, fp32, 512x512, batch {args.batch_size}, {args.memory_steps} steps per row, each "
+        f"in a process of its own; SaRA on every UNet tensor at threshold {threshold:.3g}, as many weights as LoRA "
+        f"rank {args.lora_rank} on the attention projections ({count:,}). Peak tensor MiB: CPU tensors live at once "
+        "in training, above the loaded model (`genreg.profiling.tensor_peak`).",
+        "",
+        "| row | trainable | s/step | peak RSS MiB (above loaded) | peak tensor MiB | CUDA peak MiB |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, r in rows.items():
+        cuda = f"{r['cuda_peak_mib']:.0f}" if "cuda_peak_mib" in r else "-"
+        lines.append(
+            f"| {name} | {r['trainable']:,} | {r['seconds_per_step']:.1f} | {r['peak_rss_mib']:.0f} "
+            f"({r['peak_rss_above_loaded_mib']:.0f}) | {r['peak_tensor_mib']:.0f} | {cuda} |"
+        )
+    ratio = rows["sara"]["peak_tensor_mib"] / rows["lora"]["peak_tensor_mib"]
+    lines += ["", f"SaRA's peak of live tensors is {ratio:.2f}x LoRA's."]
+    (RESULTS / "sara_sd15_memory.md").write_text("\n".join(lines) + "\n")
 
 
 def write_results(args, rows: dict, threshold: float, count: int, command: str, note: str = "") -> None:

@@ -45,3 +45,30 @@ def test_rows_trained_with_several_seeds_report_the_mean_and_range():
     assert cell(row, "new_value") == "0.300 (0.200-0.400)"
     single = mean_over_seeds(runs[:1])
     assert "runs" not in single and cell(single, "new_value") == "0.200"
+
+
+def test_the_sd15_memory_report_gives_each_row_and_the_ratio(tmp_path, monkeypatch):
+    sys.path.insert(0, "scripts")
+    import argparse
+
+    import bench_sara
+
+    measured = {"sara": 300.0, "lora": 200.0}
+    monkeypatch.setattr(bench_sara, "RESULTS", tmp_path)
+    monkeypatch.setattr(bench_sara, "write_concept_kit", lambda *a, **k: tmp_path / "kit")
+    monkeypatch.setattr(bench_sara, "lora_count", lambda model, rank: 797_184)
+    monkeypatch.setattr(bench_sara, "matching_threshold", lambda model, count: 9.2e-6)
+
+    def memory_run(args, spec, kit):
+        assert args.model == bench_sara.SD15 and (spec["method"] != "sara" or spec["sara"]["threshold"] == 9.2e-6)
+        row = {"trainable": 797_184, "seconds_per_step": 61.0, "peak_rss_mib": 9000.0}
+        return row | {"peak_rss_above_loaded_mib": 5000.0, "peak_tensor_mib": measured[spec["method"]]}
+
+    monkeypatch.setattr(bench_sara, "memory_run", memory_run)
+    args = argparse.Namespace(model="tinyworld", concept="checkered", kit_size=2, seed=0, lora_rank=4, batch_size=1,
+                              memory_steps=2, work_dir=str(tmp_path / "w"), lora_lr=1e-3, full_lr=1e-4)  # fmt: skip
+    bench_sara.measure_sd15(args)
+    text = (tmp_path / "sara_sd15_memory.md").read_text()
+    assert "| sara | 797,184 | 61.0 | 9000 (5000) | 300 | - |" in text
+    assert "| lora | 797,184 | 61.0 | 9000 (5000) | 200 | - |" in text
+    assert "SaRA's peak of live tensors is 1.50x LoRA's." in text

@@ -137,7 +137,9 @@ def main() -> None:
     args.results_dir.mkdir(parents=True, exist_ok=True)
     command = bench.command_line(p, args)
     (args.results_dir / "guide_and_rescale_probe.json").write_text(
-        json.dumps({"settings": {k: str(v) for k, v in vars(args).items()}, "rows": results}, indent=1)
+        json.dumps(
+            {"settings": {k: str(v) for k, v in vars(args).items() if k != "results_dir"}, "rows": results}, indent=1
+        )
     )
     lines = [
         "# Guide-and-Rescale probe: the guider's size and what it does to the energies",

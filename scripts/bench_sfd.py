@@ -23,6 +23,7 @@ import collections
 import copy
 import json
 import random
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -163,6 +164,7 @@ def main() -> None:
             retain.append(scene_prompt(scene, background=True))
     evaluator, work, rows = Evaluator.load(), Path(args.work_dir), {}
     for name in args.rows:
+        shutil.rmtree(work / name, ignore_errors=True)  # a fresh run: an earlier benchmark's row is removed
         reset_peak_rss()  # each row's own peak, though the rows share this process
         start, before = time.perf_counter(), rss_mib()
         if name == "teacher":

@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import shlex
+import shutil
 import subprocess
 import sys
 import time
@@ -187,8 +188,6 @@ def probe(args) -> None:
     subject = SUBJECTS[args.subjects[0]]
     kit = write_kit(subject, Path(args.work_dir) / "kits" / subject.name)
     out = Path(args.work_dir) / "probe" / args.probe.replace(" ", "-")
-    import shutil
-
     shutil.rmtree(out, ignore_errors=True)
     args.ti_steps = args.ci_steps = args.core_steps = [5]
     method = {"core stage 1": "core", "core + stage 2": "core"}.get(args.probe, args.probe)
@@ -266,6 +265,7 @@ def main() -> None:
         for method in args.methods:
             for seed in args.seeds:
                 out = work / method.replace(", ", "_").replace(" ", "-") / name / f"seed{seed}"
+                shutil.rmtree(out, ignore_errors=True)  # a fresh run: a trainer refuses an earlier run's checkpoints
                 times = train_run(method, args, subject, kit, seed, out)
                 _, init = load_learned_embeds(out / INIT_FILE)
                 kit_view = (evaluator, subject, cases, references, init, seed)

@@ -279,6 +279,10 @@ def main() -> None:
     p.add_argument("--kit", help=argparse.SUPPRESS)
     p.add_argument("--row", help=argparse.SUPPRESS)  # internal: train one row in this process
     args = p.parse_args()
+    if args.sd15_memory and (args.memory_only or args.model != p.get_default("model")):
+        p.error(
+            "--sd15_memory measures its own SD 1.5-size model with random weights: leave out --memory_only and --model"
+        )
     if args.row:
         train_row(args)
         return

@@ -23,6 +23,15 @@ def test_a_bad_row_is_refused_before_any_work(tmp_path, row, message):
     assert not work.exists()
 
 
+@pytest.mark.parametrize("flags", [["--memory_only"], ["--model", "runs/my-model"]])
+def test_the_sd15_memory_run_refuses_flags_it_would_ignore(tmp_path, flags):
+    work = tmp_path / "bench"
+    cmd = [sys.executable, "scripts/bench_sara.py", "--sd15_memory", *flags, "--work_dir", str(work)]
+    run = subprocess.run(cmd, capture_output=True, text=True)
+    assert run.returncode == 2 and "leave out --memory_only and --model" in run.stderr
+    assert not work.exists()
+
+
 def test_rows_take_a_learning_rate():
     sys.path.insert(0, "scripts")
     from bench_sara import row_name
